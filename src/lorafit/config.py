@@ -1,0 +1,185 @@
+"""Adapter configuration: the fields of a PEFT `adapter_config.json`, validated.
+
+`LoraConfig` is what `inject()` consumes and what `io.save_adapter()` writes. Its field names and
+meanings are PEFT's (0.21), so a config written here loads in PEFT and one written by PEFT loads
+here. PEFT fields for features lorafit does not implement are accepted only at their "off" value;
+anything else is refused with a message, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# PEFT config fields lorafit does not implement, with the value(s) that mean "feature off".
+_UNSUPPORTED_OFF: dict[str, tuple] = {
+    "megatron_config": (None,),
+    "trainable_token_indices": (None,),
+    "loftq_config": ({}, None),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "velora_config": (None,),
+    "alora_invocation_tokens": (None,),
+    "use_qalora": (False,),
+    "monteclora_config": (None,),
+    "layer_replication": (None,),
+    "lora_bias": (False,),
+    "target_parameters": (None, []),
+    "use_bdlora": (None, False),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+}
+# PEFT fields that carry no meaning for the adapter's maths; accepted and passed through.
+_PASSTHROUGH = {
+    "auto_mapping": None,
+    "peft_version": None,
+    "megatron_core": "megatron.core",
+    "qalora_group_size": 16,
+    "runtime_config": None,
+    "ensure_weight_tying": False,
+}
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig:
+    """One adapter's hyper-parameters, in PEFT's `LoraConfig` vocabulary."""
+
+    r: int = 8
+    """Rank of the update B A."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (or / sqrt(r) with rsLoRA)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input (not applied to Embedding targets, as in PEFT)."""
+    target_modules: list[str] | str | None = None
+    """Module-name suffixes, a regex (full match on the module path), or "all-linear"."""
+    exclude_modules: list[str] | str | None = None
+    """Names (suffixes) or a regex of modules never to wrap, even if targeted."""
+    fan_in_fan_out: bool = False
+    """True when the base weight is stored (in, out), as in GPT-2's Conv1D (set automatically)."""
+    bias: str = "none"
+    """Which biases train: "none", "all" (every bias in the model) or "lora_only" (wrapped modules)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. a classification head)."""
+    init_lora_weights: bool | str = True
+    """True: A Kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r); "pissa": top-r SVD of W0; False: random B."""
+    layers_to_transform: list[int] | int | None = None
+    """Only wrap modules inside these layer indices."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the layer list ("layers", "h") used with layers_to_transform."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank: {regex matched against the module path's end: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha, like rank_pattern."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA: a trained per-output magnitude vector."""
+    base_model_name_or_path: str | None = None
+    """Identifier of the base model the adapter was trained on."""
+    revision: str | None = None
+    """Base model revision, kept for PEFT compatibility."""
+    task_type: str | None = None
+    """PEFT task type (e.g. CAUSAL_LM, SEQ_CLS); informational."""
+    inference_mode: bool = False
+    """PEFT's flag for adapters loaded for inference only."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Pass-through PEFT fields (auto_mapping, peft_version, ...), written back unchanged."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}.")
+        init = self.init_lora_weights
+        if init not in INIT_CHOICES and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+            raise ValueError(
+                f"init_lora_weights={init!r} is not supported; use one of True, False, 'gaussian', 'pissa'."
+            )
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                if not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}.")
+                if name == "rank_pattern" and not isinstance(value, int):
+                    raise ValueError(f"rank_pattern[{key!r}] must be an integer rank, got {value!r}.")
+        if self.target_modules is None and not self.modules_to_save:
+            raise ValueError(
+                "target_modules is not set: give module-name suffixes (e.g. ['q_proj', 'v_proj']), "
+                "a regex, or 'all-linear'."
+            )
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(set(self.target_modules))
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+
+    # --- per-module values -------------------------------------------------------------------
+    def rank_for(self, module_path: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module_path, self.r))
+
+    def alpha_for(self, module_path: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_path, self.lora_alpha)
+
+    # --- PEFT json -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The dict PEFT 0.21 writes as adapter_config.json (every field present)."""
+        out: dict[str, Any] = {k: v for k, v in _PASSTHROUGH.items()}
+        out.update({k: vals[0] for k, vals in _UNSUPPORTED_OFF.items()})
+        out.update(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[f.name] = getattr(self, f.name)
+        if isinstance(out["init_lora_weights"], str) and out["init_lora_weights"].startswith("pissa"):
+            out["init_lora_weights"] = True  # the saved A, B already hold the SVD; loading must not redo it
+        out["peft_type"] = "LORA"
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> "LoraConfig":
+        """Build from a PEFT-style dict; unknown fields and unsupported features are errors."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorafit reads only LoRA adapters (LORA).")
+        own = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = own | set(_UNSUPPORTED_OFF) | set(_PASSTHROUGH)
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, sorted(known), n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"{source}: unknown field(s) {', '.join(hints)}.")
+        for key, off_values in _UNSUPPORTED_OFF.items():
+            if key in data and data[key] not in off_values:
+                raise ValueError(
+                    f"{source}: {key}={data[key]!r} asks for a PEFT feature lorafit does not implement; "
+                    f"remove it or set it to {off_values[0]!r}."
+                )
+        extra = {k: data[k] for k in _PASSTHROUGH if k in data}
+        kwargs = {k: v for k, v in data.items() if k in own}
+        kwargs["rank_pattern"] = dict(kwargs.get("rank_pattern") or {})
+        kwargs["alpha_pattern"] = dict(kwargs.get("alpha_pattern") or {})
+        try:
+            return cls(**kwargs, extra=extra)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    # PEFT's rule: a pattern key matches when it matches a dot-aligned end of the module path.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default

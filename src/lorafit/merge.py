@@ -1,0 +1,116 @@
+"""Fold adapters into the base weights (and back), explicitly and all-or-nothing."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import active_adapters, lora_layers
+from .inject import adapter_configs, plain_modules, set_submodule
+from .layers import LoraLayer, TrainedCopy
+
+
+class MergeError(RuntimeError):
+    """A merge was refused; the model's weights are as they were before the call."""
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for _, layer in lora_layers(model):
+        names += [n for n in layer.merged if n not in names]
+    return names
+
+
+def _probe(layer: LoraLayer, gen: torch.Generator) -> torch.Tensor:
+    w = layer.base_layer.weight
+    fan_in, _ = layer.dims()
+    if layer.kind == "embedding":
+        return torch.randint(0, fan_in, (8,), generator=gen).to(w.device)
+    if layer.kind == "conv":
+        spatial = [2 * k + 1 for k in w.shape[2:]]
+        return torch.randn(2, fan_in, *spatial, generator=gen).to(w.device, w.dtype)
+    return torch.randn(8, fan_in, generator=gen).to(w.device, w.dtype)
+
+
+def _untie_if_shared(model: nn.Module, path: str, layer: LoraLayer) -> None:
+    """Give a tied weight (e.g. embeddings shared with the LM head) its own copy before it changes."""
+    weight = layer.base_layer.weight
+    sharers = [p for p, m in model.named_modules() if m is not layer.base_layer
+               and any(q is weight for q in m.parameters(recurse=False))]
+    if sharers:
+        layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
+
+
+def merge(model: nn.Module, adapters: list[str] | str | None = None, verify: bool = False,
+          tolerance: float | None = None) -> list[str]:
+    """Add the given (default: active) adapters into the base weights.
+
+    Idempotent (an adapter already merged is skipped) and atomic: if any layer would get NaN/inf,
+    or `verify` finds merged outputs differing from unmerged ones on random probe inputs by more
+    than `tolerance` (default 1e-4 relative in fp32, 2e-2 in half precision), everything this call
+    merged is undone and MergeError is raised. Returns the names merged.
+    """
+    names = [adapters] if isinstance(adapters, str) else list(adapters or active_adapters(model))
+    unknown = [n for n in names if n not in adapter_configs(model)]
+    if unknown:
+        raise KeyError(f"no adapter named {unknown}; this model has {list(adapter_configs(model))}")
+    done: list[tuple[LoraLayer, int]] = []
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for path, layer in lora_layers(model):
+            todo = [n for n in names if n in layer.adapters and n not in layer.merged]
+            if not todo:
+                continue
+            if verify:
+                x = _probe(layer, gen)
+                was_training, was_active = layer.training, layer.active
+                layer.eval()
+                layer.active = layer.merged + todo
+                with torch.no_grad():
+                    expected = layer(x)
+            _untie_if_shared(model, path, layer)
+            done.append((layer, len(layer.merged)))
+            try:
+                layer.merge(todo)
+            except FloatingPointError as exc:
+                raise MergeError(f"{path}: {exc}; nothing was merged") from None
+            if verify:
+                with torch.no_grad():
+                    got = layer(x)
+                layer.active = was_active
+                layer.train(was_training)
+                half = layer.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+                tol = tolerance if tolerance is not None else (2e-2 if half else 1e-4)
+                err = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
+                if not err <= tol:
+                    raise MergeError(f"{path}: merged output differs from unmerged by {err:.2e} (> {tol:.0e}); "
+                                     "nothing was merged")
+    except BaseException:
+        for layer, n_before in reversed(done):
+            keep = layer.merged[:n_before]
+            layer.unmerge()
+            layer.merge(keep)
+        raise
+    return names
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights again."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, adapters: list[str] | str | None = None, verify: bool = True) -> nn.Module:
+    """Merge, then remove every lorafit module: the result is the plain transformers model."""
+    merge(model, adapters, verify=verify)
+    for path, module in list(plain_modules(model)):
+        if isinstance(module, LoraLayer):
+            set_submodule(model, path, module.base_layer)
+        elif isinstance(module, TrainedCopy):
+            set_submodule(model, path, module.current())
+    adapter_configs(model).clear()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
