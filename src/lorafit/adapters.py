@@ -92,9 +92,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if isinstance(module, LoraLayer):
             if name in module.merged:
                 raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge() before deleting it")
-            module.adapters.pop(name, None)
-        else:
-            module.copies.pop(name, None)
+            if name in module.adapters:
+                del module.adapters[name]
+        elif name in module.copies:
+            del module.copies[name]
         module.active = [n for n in module.active if n != name]
     del adapter_configs(model)[name]
     unwrap(model, only_empty=True)

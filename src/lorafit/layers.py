@@ -106,7 +106,9 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scale * B A in the out-major layout of the base weight, fp32."""
-        ad = self.adapters[name]
+        return self.delta_weight_of(self.adapters[name])
+
+    def delta_weight_of(self, ad: "LoraAdapter") -> torch.Tensor:
         A, B = ad.A.detach().float(), ad.B.detach().float()
         delta = B.flatten(1) @ A.flatten(1)  # (out, in * prod(k))
         shape = self._out_major(self.base_layer.weight).shape
@@ -219,7 +221,7 @@ class LoraLayer(nn.Module):
         mscale = (ad.magnitude.reshape(-1) / norm).to(lora.dtype)
         mscale = mscale.view(-1, *(1,) * (lora.dim() - 2)) if self.kind == "conv" else mscale
         if drop:
-            base_plain = self._base_without_bias(xd)
+            base_plain = self.base_output(xd, self._out_major(self.base_layer.weight), bias=False)
         else:
             base_plain = base_out - self._bias_view(base_out)
         return (mscale - 1) * base_plain + mscale * ad.scale * lora
@@ -229,12 +231,6 @@ class LoraLayer(nn.Module):
         if bias is None:
             return 0.0
         return bias.view(-1, *(1,) * (out.dim() - 2)) if self.kind == "conv" else bias
-
-    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if self.kind == "conv":
-            return _CONV_FN[base.weight.dim() - 2](x, base.weight, None, base.stride, base.padding)
-        return F.linear(x, self._out_major(base.weight))
 
     def _weight_norm(self, W: torch.Tensor, ad: LoraAdapter, detach: bool = False) -> torch.Tensor:
         """Row norms of W + s B A (W out-major), without materialising B A.
@@ -251,36 +247,58 @@ class LoraLayer(nn.Module):
         return sq.clamp_min(0).sqrt()                   # (out,)
 
     # --- merge ---------------------------------------------------------------------------------
+    def merged_weight(self, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The out-major fp32 weight with `names` folded in (nothing is written), and the DoRA
+        norms captured on the way. Raises FloatingPointError on NaN/inf."""
+        W, norms = self.out_major_weight(), {}
+        for name in names:
+            ad = self.adapters[name]
+            W = W + self.delta_weight(name)
+            if ad.magnitude is not None:
+                norms[name] = W.flatten(1).norm(dim=1)  # (out,)
+                W = W * _rows(ad.magnitude.detach().float().reshape(-1) / norms[name], W)
+            if not torch.isfinite(W).all():
+                raise FloatingPointError(f"merging adapter {name!r} would put NaN/inf in the weights")
+        return W, norms
+
     def merge(self, names: list[str]) -> None:
         """Fold adapters into the base weight, computing in fp32. Idempotent per adapter."""
-        for name in names:
-            if name in self.merged or name not in self.adapters:
-                continue
-            ad = self.adapters[name]
-            W = self.out_major_weight()
-            new = W + self.delta_weight(name)
-            if ad.magnitude is not None:
-                norm = new.flatten(1).norm(dim=1)  # (out,)
-                scale = (ad.magnitude.detach().float().reshape(-1) / norm).view(-1, *(1,) * (W.dim() - 1))
-                new = new * scale
-                ad.merge_norm = norm
-            if not torch.isfinite(new).all():
-                ad.merge_norm = None
-                raise FloatingPointError(f"merging adapter {name!r} would put NaN/inf in the weights")
-            self._write_out_major(new)
-            self.merged.append(name)
+        todo = [n for n in names if n in self.adapters and n not in self.merged]
+        if not todo:
+            return
+        W, norms = self.merged_weight(todo)
+        self._write_out_major(W)
+        for name in todo:
+            self.adapters[name].merge_norm = norms.get(name)
+        self.merged += todo
 
     def unmerge(self) -> None:
         """Undo merges, newest first."""
+        W = self.out_major_weight()
         while self.merged:
-            name = self.merged.pop()
-            ad = self.adapters[name]
-            W = self.out_major_weight()
+            ad = self.adapters[self.merged.pop()]
             if ad.magnitude is not None:
-                scale = (ad.magnitude.detach().float().reshape(-1) / ad.merge_norm)
-                W = W / scale.view(-1, *(1,) * (W.dim() - 1))
+                W = W / _rows(ad.magnitude.detach().float().reshape(-1) / ad.merge_norm, W)
                 ad.merge_norm = None
-            self._write_out_major(W - self.delta_weight(name))
+            W = W - self.delta_weight_of(ad)
+        self._write_out_major(W)
+
+    def base_output(self, x: torch.Tensor, w_out_major: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The base op run with another weight (given out-major): for probes and DoRA."""
+        base = self.base_layer
+        b = base.bias if bias and getattr(base, "bias", None) is not None else None
+        w = w_out_major.to(base.weight.dtype)
+        if self.kind == "embedding":
+            return F.embedding(x, w.T, base.padding_idx, base.max_norm, base.norm_type,
+                               base.scale_grad_by_freq, base.sparse)
+        if self.kind == "conv":
+            return _CONV_FN[w.dim() - 2](x, w, b, base.stride, base.padding)
+        return F.linear(x, w, b)
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(out,) -> broadcastable over the rows of an out-major weight."""
+    return v.view(-1, *(1,) * (like.dim() - 1))
 
 
 class TrainedCopy(nn.Module):

@@ -47,53 +47,56 @@ def merge(model: nn.Module, adapters: list[str] | str | None = None, verify: boo
           tolerance: float | None = None) -> list[str]:
     """Add the given (default: active) adapters into the base weights.
 
-    Idempotent (an adapter already merged is skipped) and atomic: if any layer would get NaN/inf,
-    or `verify` finds merged outputs differing from unmerged ones on random probe inputs by more
-    than `tolerance` (default 1e-4 relative in fp32, 2e-2 in half precision), everything this call
-    merged is undone and MergeError is raised. Returns the names merged.
+    Idempotent (an adapter already merged is skipped) and all-or-nothing: every layer's merged
+    weight is computed and checked first, and only when all pass is anything written. A check
+    fails on NaN/inf, or, with `verify`, when the merged layer's output on random probe inputs
+    differs from the unmerged one by more than `tolerance` (relative; default 1e-4 in fp32,
+    2e-2 in half precision). A failure raises MergeError with the weights untouched.
+    Returns the names merged.
     """
     names = [adapters] if isinstance(adapters, str) else list(adapters or active_adapters(model))
     unknown = [n for n in names if n not in adapter_configs(model)]
     if unknown:
         raise KeyError(f"no adapter named {unknown}; this model has {list(adapter_configs(model))}")
-    done: list[tuple[LoraLayer, int]] = []
     gen = torch.Generator().manual_seed(0)
-    try:
-        for path, layer in lora_layers(model):
-            todo = [n for n in names if n in layer.adapters and n not in layer.merged]
-            if not todo:
-                continue
-            if verify:
-                x = _probe(layer, gen)
-                was_training, was_active = layer.training, layer.active
-                layer.eval()
-                layer.active = layer.merged + todo
-                with torch.no_grad():
-                    expected = layer(x)
-            _untie_if_shared(model, path, layer)
-            done.append((layer, len(layer.merged)))
-            try:
-                layer.merge(todo)
-            except FloatingPointError as exc:
-                raise MergeError(f"{path}: {exc}; nothing was merged") from None
-            if verify:
-                with torch.no_grad():
-                    got = layer(x)
-                layer.active = was_active
-                layer.train(was_training)
-                half = layer.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
-                tol = tolerance if tolerance is not None else (2e-2 if half else 1e-4)
-                err = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
-                if not err <= tol:
-                    raise MergeError(f"{path}: merged output differs from unmerged by {err:.2e} (> {tol:.0e}); "
-                                     "nothing was merged")
-    except BaseException:
-        for layer, n_before in reversed(done):
-            keep = layer.merged[:n_before]
-            layer.unmerge()
-            layer.merge(keep)
-        raise
+    plan = []
+    for path, layer in lora_layers(model):
+        todo = [n for n in names if n in layer.adapters and n not in layer.merged]
+        if not todo:
+            continue
+        try:
+            weight, _ = layer.merged_weight(todo)  # computed to check; merge() recomputes to save memory
+        except FloatingPointError as exc:
+            raise MergeError(f"{path}: {exc}; nothing was merged") from None
+        if verify:
+            _verify(path, layer, todo, weight, gen, tolerance)
+        del weight
+        plan.append((path, layer, todo))
+    for path, layer, todo in plan:
+        _untie_if_shared(model, path, layer)
+        layer.merge(todo)
     return names
+
+
+def _verify(path: str, layer: LoraLayer, todo: list[str], weight: torch.Tensor, gen: torch.Generator,
+            tolerance: float | None) -> None:
+    x = _probe(layer, gen)
+    was_training, was_active = layer.training, layer.active
+    layer.eval()
+    layer.active = todo
+    try:
+        with torch.no_grad():
+            expected = layer(x)
+            got = layer.base_output(x, weight)
+    finally:
+        layer.active = was_active
+        layer.train(was_training)
+    half = layer.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+    tol = tolerance if tolerance is not None else (2e-2 if half else 1e-4)
+    err = ((got.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-6)).item()
+    if not err <= tol:
+        raise MergeError(f"{path}: merged output differs from unmerged by {err:.2e} (> {tol:.0e}); "
+                         "nothing was merged")
 
 
 def unmerge(model: nn.Module) -> None:
