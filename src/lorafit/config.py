@@ -134,9 +134,9 @@ class LoraConfig:
     # --- PEFT json -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The dict PEFT 0.21 writes as adapter_config.json (every field present)."""
-        out: dict[str, Any] = {k: v for k, v in _PASSTHROUGH.items()}
+        out: dict[str, Any] = {k: v for k, v in _PASSTHROUGH.items() if k != "runtime_config"}
         out.update({k: vals[0] for k, vals in _UNSUPPORTED_OFF.items()})
-        out.update(self.extra)
+        out.update({k: v for k, v in self.extra.items() if k != "runtime_config"})  # PEFT never writes it
         for f in dataclasses.fields(self):
             if f.name != "extra":
                 out[f.name] = getattr(self, f.name)

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -49,8 +50,6 @@ def _where(records: Sequence[dict], i: int, source: str | None) -> str:
     return f"{src}:{lines[i]}" if lines is not None and len(lines) == len(records) else f"{src} record {i + 1}"
 
 
-# ----------------------------------------------------------------------------------------- reading
-
 def read_records(path: str | Path) -> RecordList:
     """Read .jsonl/.json (JSON lines, or one JSON array), .csv or .tsv (header row) into dicts.
     Every record is validated here so that a bad row fails before tokenization, naming file:line."""
@@ -84,47 +83,39 @@ def read_records(path: str | Path) -> RecordList:
 def _read_json(path: Path) -> list[tuple[int, dict]]:
     text = path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows prepend a byte-order mark
     if text.lstrip().startswith("["):
-        return _read_json_array(text, path)
+        return _json_array_items(text, path)
     rows = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is legal inside JSON strings
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for n, line in enumerate(text.split("\n"), 1):  # "\n" only: U+2028 is legal inside JSON strings
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for n, record in rows:
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-        rows.append((n, record))
     return rows
 
 
-def _read_json_array(text: str, path: Path) -> list[tuple[int, dict]]:
-    # Decode element by element (not json.loads) to know the line each record starts on.
+def _json_array_items(text: str, path: Path) -> list[tuple[int, object]]:
+    # Decode item by item (not json.loads) to know the line each record starts on.
+    skip_ws = re.compile(r"[ \t\r\n]*").match
     decoder, rows, line, pos = json.JSONDecoder(), [], 1, 0
-
-    def skip_ws(i: int) -> int:
-        while i < len(text) and text[i] in " \t\r\n":
-            i += 1
-        return i
-
-    i = skip_ws(text.index("[") + 1)
-    while i < len(text) and text[i] != "]":
+    i = skip_ws(text, text.index("[") + 1).end()
+    while text[i:i + 1] != "]":
         line, pos = line + text.count("\n", pos, i), i
-        try:
-            record, i = decoder.raw_decode(text, i)
+        try:  # at end of text this raises "Expecting value": an unclosed array
+            item, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
-        rows.append((line, record))
-        i = skip_ws(i)
-        if i < len(text) and text[i] == ",":
-            i = skip_ws(i + 1)
-        elif i >= len(text) or text[i] != "]":
-            raise ValueError(f"{path}:{line + text.count(chr(10), pos, i)}: expected ',' or ']' in the JSON array")
-    if i >= len(text):
-        raise ValueError(f"{path}: JSON array is not closed with ']'")
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{line}: expected a JSON object, got {type(item).__name__}")
+        rows.append((line, item))
+        i = skip_ws(text, i).end()
+        if text[i:i + 1] == ",":
+            i = skip_ws(text, i + 1).end()
+        elif text[i:i + 1] != "]":
+            raise ValueError(f"{path}:{line}: expected ',' or ']' after this item of the JSON array")
     return rows
 
 
@@ -134,24 +125,22 @@ def _read_delimited(path: Path, tsv: bool) -> list[tuple[int, dict]]:
     header, rows, start = None, [], 1
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=quoting)
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise ValueError(f"{path}:{start}: {e}") from None
-            line, start = start, reader.line_num + 1  # a quoted field may span lines: report where it starts
-            if not any(cell.strip() for cell in row):
-                continue
-            if header is None:
-                header = [h.strip() for h in row]
-                if "" in header or len(set(header)) != len(header):
-                    raise ValueError(f"{path}:{line}: header has an empty or duplicate column name: {header}")
-            elif len(row) != len(header):
-                raise ValueError(f"{path}:{line}: expected {len(header)} columns ({', '.join(header)}), got {len(row)}")
-            else:
-                rows.append((line, dict(zip(header, row))))
+        try:
+            for row in reader:
+                line, start = start, reader.line_num + 1  # a quoted field may span lines: report where it starts
+                if not any(cell.strip() for cell in row):
+                    continue
+                if header is None:
+                    header = [h.strip() for h in row]
+                    if "" in header or len(set(header)) != len(header):
+                        raise ValueError(f"{path}:{line}: header has an empty or duplicate column name: {header}")
+                elif len(row) != len(header):
+                    raise ValueError(f"{path}:{line}: expected {len(header)} columns ({', '.join(header)}), "
+                                     f"got {len(row)}")
+                else:
+                    rows.append((line, dict(zip(header, row))))
+        except csv.Error as e:  # e.g. a NUL byte; `start` is where the unreadable row begins
+            raise ValueError(f"{path}:{start}: {e}") from None
     return rows
 
 
@@ -193,8 +182,6 @@ def _check_fields(record: dict, fmt: str) -> None:
         raise ValueError("field 'input' must be a string")
 
 
-# ------------------------------------------------------------------------------------ causal LM
-
 def _to_messages(record: dict, fmt: str) -> list[dict]:
     if fmt == "messages":
         return [dict(m) for m in record["messages"]]  # extra keys (name, tool_calls) reach the template
@@ -209,7 +196,10 @@ def _to_messages(record: dict, fmt: str) -> list[dict]:
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, bos: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja2 errors (e.g. "roles must alternate") are not ValueErrors
+            raise ValueError(f"the chat template rejected this conversation: {e}") from e
     # No template (a base model): "prompt\n" + answer + EOS text, so the model still learns to stop.
     return bos + "".join(m["content"] + (tokenizer.eos_token if m["role"] == "assistant" else "\n") for m in messages)
 
@@ -280,6 +270,7 @@ def build_causal_lm_examples(records: Sequence[dict], tokenizer, max_length: int
             fmt = detect_format(record)
             if fmt == "classification":
                 raise ValueError("a classification record (text + label); use build_classification_examples")
+            _check_fields(record, fmt)  # records may come from code, not only from read_records
             if fmt == "text":
                 ids = _encode(tokenizer, bos + record["text"]) + [tokenizer.eos_token_id]
                 labels = list(ids)
@@ -299,8 +290,6 @@ def build_causal_lm_examples(records: Sequence[dict], tokenizer, max_length: int
                       f"examples with no answer tokens left within max_length={max_length}", stacklevel=2)
     return examples
 
-
-# ------------------------------------------------------------------------------- classification
 
 def build_classification_examples(records: Sequence[dict], tokenizer, max_length: int = 128,
                                   labels: list[str] | None = None,
@@ -335,8 +324,6 @@ def build_classification_examples(records: Sequence[dict], tokenizer, max_length
     return examples, labels
 
 
-# -------------------------------------------------------------------------- splitting, packing
-
 def split_train_val(examples: Sequence, val_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
     """Deterministic split from `seed` alone (a private RNG, not the global one); both parts keep the
     input order. At least one validation example whenever val_fraction > 0 and there are two or more."""
@@ -370,13 +357,25 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
     return packs
 
 
-# ----------------------------------------------------------------------------------- batching
+def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
-def _padded_length(longest: int, multiple: int | None) -> int:
-    return longest if not multiple else math.ceil(longest / multiple) * multiple
+
+class _PaddingCollator:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; a tokenizer without a pad token can pad with eos_token_id")
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+
+    def _length(self, examples: Sequence[dict]) -> int:
+        longest, multiple = max(len(e["input_ids"]) for e in examples), self.pad_to_multiple_of
+        return math.ceil(longest / multiple) * multiple if multiple else longest
 
 
-class CausalLMCollator:
+class CausalLMCollator(_PaddingCollator):
     """Right-pads examples: input_ids with pad_token_id, labels with IGNORE_INDEX.
 
     Plain examples get attention_mask (B, T). Packed examples get position_ids (B, T) and NO
@@ -385,49 +384,29 @@ class CausalLMCollator:
     config default is True, even in train mode); otherwise documents in one pack attend to each other.
     Padding gets its own position run 0, 1, ... so it reads as one more (loss-free) document."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None; tokenizers without a pad token can pad with eos_token_id")
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
-
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         packed = "position_ids" in examples[0]
         if any(("position_ids" in e) != packed for e in examples):
             raise ValueError("cannot mix packed and unpacked examples in one batch")
-        B, T = len(examples), _padded_length(max(len(e["input_ids"]) for e in examples), self.pad_to_multiple_of)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-        position_ids = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-        for b, e in enumerate(examples):
-            n = len(e["input_ids"])
-            input_ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-            labels[b, :n] = torch.tensor(e["labels"], dtype=torch.long)
-            attention_mask[b, :n] = 1
-            if packed:
-                position_ids[b, :n] = torch.tensor(e["position_ids"], dtype=torch.long)
-                position_ids[b, n:] = torch.arange(T - n)
-        extra = {"position_ids": position_ids} if packed else {"attention_mask": attention_mask}
-        return {"input_ids": input_ids, "labels": labels, **extra}
+        T = self._length(examples)
+        batch = {"input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id, T),  # (B, T)
+                 "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX, T)}  # (B, T)
+        if packed:
+            rows = [list(e["position_ids"]) + list(range(T - len(e["input_ids"]))) for e in examples]
+            batch["position_ids"] = _pad(rows, 0, T)  # (B, T)
+        else:
+            batch["attention_mask"] = _pad([[1] * len(e["input_ids"]) for e in examples], 0, T)  # (B, T)
+        return batch
 
 
-class ClassificationCollator:
+class ClassificationCollator(_PaddingCollator):
     """Right-pads input_ids; returns input_ids (B, T), attention_mask (B, T), labels (B,)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None; the tokenizer needs a pad token for classification batches")
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
-
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        B, T = len(examples), _padded_length(max(len(e["input_ids"]) for e in examples), self.pad_to_multiple_of)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-        for b, e in enumerate(examples):
-            input_ids[b, : len(e["input_ids"])] = torch.tensor(e["input_ids"], dtype=torch.long)
-            attention_mask[b, : len(e["input_ids"])] = 1
-        labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)  # (B,)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        T = self._length(examples)
+        return {"input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id, T),  # (B, T)
+                "attention_mask": _pad([[1] * len(e["input_ids"]) for e in examples], 0, T),  # (B, T)
+                "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}  # (B,)
 
 
 def num_batches(n_examples: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:

@@ -8,6 +8,7 @@ The configs of the adapters on a model live in `model.lorafit_configs` (name -> 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from dataclasses import dataclass
@@ -147,6 +148,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
     if adapter_name == "__base__":
         raise ValueError("'__base__' is reserved for 'no adapter' in per-sample batches")
     targets = find_targets(model, config)
+    gpt2_style = any(layer_kind(m.base_layer if isinstance(m, LoraLayer) else m) == "conv1d_gpt2" for _, m in targets)
+    if gpt2_style != config.fan_in_fan_out and targets:  # written to the file for PEFT; we go by module type
+        config = dataclasses.replace(config, fan_in_fan_out=gpt2_style)
     saved = []
     for m in config.modules_to_save or []:
         hits = [(p, mod) for p, mod in plain_modules(model) if p == m or p.endswith("." + m)]

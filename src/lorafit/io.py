@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapters import lora_layers, set_active
 from .config import LoraConfig
-from .inject import adapter_configs, inject, plain_modules
+from .inject import adapter_configs, inject, mark_trainable, plain_modules
 from .layers import LoraLayer, TrainedCopy, fan_dims, layer_kind
 
 CONFIG_NAME = "adapter_config.json"
@@ -201,6 +201,16 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     for key, value in other.items():
         if ".original_module." in key:
             continue  # PEFT with bias="all" also writes the frozen original's bias; never needed
+        if key.endswith(".base_layer.weight") and key[: -len(".base_layer.weight")] in lora:
+            # PEFT saves the base embedding next to an embedding adapter (for resized vocabularies).
+            current = modules[key[: -len(".base_layer.weight")]]
+            current = current.base_layer if isinstance(current, LoraLayer) else current
+            if current.weight.shape != value.shape or not torch.allclose(current.weight.detach().float(),
+                                                                         value.float(), atol=1e-6):
+                raise AdapterFileError(
+                    f"{folder}: the adapter carries its own base weight for {key!r} (a resized or retrained "
+                    f"embedding) that differs from this model's; load the model it was trained with.{hint}")
+            continue
         key = key.replace(".modules_to_save.", ".")
         owner = next((p for p in modules if any(p == m or p.endswith("." + m) for m in saved)
                       and key.startswith(p + ".")), None)
@@ -239,8 +249,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
                 module.copies[name].load_state_dict(copies[path])
         for param, value in biases:
             param.copy_(value)
-    for p in (q for _, layer in lora_layers(model) if name in layer.adapters for q in layer.adapters[name].parameters()):
-        p.requires_grad_(trainable)
+    if trainable:
+        mark_trainable(model, name)
+    else:  # loaded for inference, as PEFT does: nothing trains
+        model.requires_grad_(False)
     if activate:
         set_active(model, name)
     return config
