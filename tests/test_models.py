@@ -102,7 +102,8 @@ def test_non_model_inputs_are_refused(tmp_path):
         resolve_model_path(str(tmp_path))
     (tmp_path / "weights.safetensors").unlink()
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="no \\*.safetensors"):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # not model weights
+    with pytest.raises(ValueError, match="no model.safetensors"):
         resolve_model_path(str(tmp_path))
 
 
@@ -110,6 +111,15 @@ def test_pickled_only_folder_is_refused(llama_dir):
     os.remove(llama_dir / "model.safetensors")
     torch.save(tiny_llama().state_dict(), llama_dir / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin.*safetensors only"):
+        load_model(str(llama_dir), device="cpu")
+
+
+def test_transformers_is_told_to_read_safetensors_only(llama_dir, monkeypatch):
+    # A second line of defence behind lorafit's own folder check: never unpickle a .bin.
+    monkeypatch.setattr(models, "_check_hf_folder", lambda folder: None)
+    os.remove(llama_dir / "model.safetensors")
+    torch.save(tiny_llama().state_dict(), llama_dir / "pytorch_model.bin")
+    with pytest.raises(OSError, match="model.safetensors"):
         load_model(str(llama_dir), device="cpu")
 
 

@@ -432,3 +432,17 @@ def batches(examples: Sequence[dict], batch_size: int, collator: Callable[[list[
     for k in range(start, num_batches(len(examples), batch_size, drop_last, world_size)):
         chunk = order[k * step: (k + 1) * step][rank::world_size]
         yield collator([examples[i] for i in chunk])
+
+
+def load_split_records(train_path: str | Path, validation_path: str | Path | None = None, val_fraction: float = 0.1,
+                       seed: int = 0, max_examples: int | None = None) -> tuple[RecordList, RecordList]:
+    """(train, validation) records: the validation file when given, else a deterministic share of train.
+    Splitting records (not tokens) keeps each validation row's text for generation metrics."""
+    records = read_records(train_path)
+    if max_examples:
+        records = RecordList(records[:max_examples], records.path, records.lines[:max_examples])
+    if validation_path:
+        return records, read_records(validation_path)
+    idx_train, idx_val = split_train_val(list(range(len(records))), val_fraction, seed)
+    pick = lambda idx: RecordList([records[i] for i in idx], records.path, [records.lines[i] for i in idx])  # noqa: E731
+    return pick(idx_train), pick(idx_val)

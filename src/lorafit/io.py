@@ -256,3 +256,23 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     if activate:
         set_active(model, name)
     return config
+
+
+def describe_adapter(folder: str | os.PathLike) -> dict:
+    """What an adapter is: base model, targets, ranks, parameters, size (for `lorafit inspect`)."""
+    config, tensors = read_adapter(folder)
+    lora, other = _group(tensors, Path(folder) / WEIGHTS_NAME)
+    ranks = {path: int(parts["A"].shape[0]) for path, parts in lora.items() if "A" in parts}
+    variant = "DoRA" if config.use_dora else "LoRA"
+    if config.use_rslora:
+        variant = f"rs{variant}"
+    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    return {
+        "base_model": config.base_model_name_or_path, "task_type": config.task_type, "variant": variant,
+        "r": config.r, "lora_alpha": config.lora_alpha, "scale": scale, "modules": sorted(lora),
+        "target_names": sorted({p.rsplit(".", 1)[-1] for p in lora}), "ranks": ranks,
+        "modules_to_save": config.modules_to_save or [], "parameters": sum(t.numel() for t in tensors.values()),
+        "dtype": ", ".join(dtypes), "bytes": (Path(folder) / WEIGHTS_NAME).stat().st_size,
+        "other_tensors": sorted(other),
+    }

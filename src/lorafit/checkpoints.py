@@ -1,0 +1,88 @@
+"""Training-state checkpoints: adapter + optimizer + scheduler + RNG + position, written atomically.
+
+A checkpoint is a folder `checkpoints/step-000100/` holding the adapter (PEFT layout) and
+`trainer_state.pt` (tensors and plain containers only: it is read back with weights_only=True,
+so loading a checkpoint never runs pickled code). It is built under a hidden temporary name and
+renamed into place, so a crash or a full disk mid-save leaves the previous checkpoints intact and
+no half-written one visible.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .io import save_adapter
+
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under root/checkpoints, oldest first."""
+    folder = Path(root) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / "trainer_state.pt").is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, adapter_name: str,
+                    state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    folder = Path(root) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:06d}"
+    tmp = folder / f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}"
+    try:
+        save_adapter(model, tmp, adapter_name)
+        torch.save(state, tmp / "trainer_state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving the same step (e.g. the last step after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    path = Path(checkpoint) / "trainer_state.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a lorafit checkpoint (no trainer_state.pt)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def clean_partial(root: str | os.PathLike) -> None:
+    """Remove temp folders left by a save that was killed midway."""
+    folder = Path(root) / "checkpoints"
+    if folder.is_dir():
+        for p in folder.glob(".tmp-step-*"):
+            shutil.rmtree(p, ignore_errors=True)
