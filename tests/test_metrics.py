@@ -105,6 +105,17 @@ def test_ragged_references_give_full_credit_for_third_reference():
     assert rouge_l(RAGGED_HYPS, swapped) < 0.8
 
 
+def test_bleu_ragged_equals_padding_with_own_references():
+    # Repeating a hypothesis's own reference changes neither clipped counts nor the closest
+    # reference length, so it must score exactly like the ragged form. Padding the missing
+    # streams with "" instead of None would let the short hypothesis pick length 0 as its
+    # closest reference and dodge the brevity penalty.
+    hyps = ["a b", "c d e f g h"]
+    ragged = [["a b c d e f"], ["c d e f g h", "c d e f g x", "c d e f y z"]]
+    padded = [["a b c d e f"] * 3, ragged[1]]
+    assert corpus_bleu(hyps, ragged) == pytest.approx(corpus_bleu(hyps, padded), abs=1e-9)
+
+
 # ----------------------------------------------------------------- ROUGE-L
 
 def test_rouge_l_by_hand():
@@ -160,6 +171,8 @@ def test_cider_by_hand():
     # 1: "a b" vs "a b": cosine 1 for 1- and 2-grams, no 3-/4-grams: 10 * (1+1+0+0)/4 = 5.
     # 2: "c d" vs "c e": unigram cosine ln2^2 / (sqrt2 ln2)^2 = 1/2, nothing else: 1.25.
     assert cider(["a b", "c d"], [["a b"], ["c e"]]) == pytest.approx((5 + 1.25) / 2)
+    # Case and punctuation do not count (lowercased word tokens).
+    assert cider(["A, b.", "c d"], [["a b"], ["C E!"]]) == pytest.approx((5 + 1.25) / 2)
     # One example: every reference n-gram has idf ln(1) - ln(1) = 0.
     assert cider(["a b"], [["a b"]]) == 0.0
 

@@ -126,6 +126,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run
+
+    run(args.out, args.steps, args.model)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning on small hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter", help="adapter folder")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     i.set_defaults(func=cmd_inspect)
+
+    q = sub.add_parser("quickstart", help="the demo: teach SmolLM2 a pirate persona on CPU, show before/after",
+                       description="Generate a small chat dataset, fine-tune the default model, compare answers.")
+    q.add_argument("--out", default="runs/quickstart", help="output folder (its run/ subfolder is replaced)")
+    q.add_argument("--steps", type=int, default=60, help="optimizer steps (batch 8)")
+    q.add_argument("--model", default="smollm2", help="base model")
+    q.set_defaults(func=cmd_quickstart)
     return p
 
 
