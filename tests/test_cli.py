@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from conftest import write_chat_data, write_tiny_chat_model
+from lorafit.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model, data = write_tiny_chat_model(root / "model"), write_chat_data(root / "data.jsonl")
+    config = root / "run.yaml"
+    config.write_text(f"model:\n  name: {model}\ndata:\n  train: {data}\nlora:\n  r: 4\n"
+                      f"train:\n  output_dir: {root / 'run'}\n  max_steps: 6\n  batch_size: 4\n  lr: 0.01\n"
+                      "  eval_every: 0\n  tensorboard: false\n")
+    assert main(["train", str(config), "--no-progress"]) == 0
+    return root, config
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "inspect", "quickstart"])
+def test_every_command_documents_its_options(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, f"{command} {action.dest} has no help"
+    if command == "train":  # every config option, with its default and docstring
+        assert "lora_plus_ratio" in text and "gradient_checkpointing" in text and "default 0.0002" in text
+
+
+def test_inspect(trained, capsys):
+    root, _ = trained
+    assert main(["inspect", str(root / "run" / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["r"] == 4 and info["variant"] == "LoRA" and info["parameters"] > 0
+    assert "q_proj" in info["target_names"] and info["base_model"].endswith("model")
+
+
+def test_merge_writes_plain_model_equal_to_adapter(trained, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.generate import load_for_inference
+
+    root, _ = trained
+    out = root / "merged"
+    assert main(["merge", "--adapter", str(root / "run" / "adapter"), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ref, _ = load_for_inference(adapter=str(root / "run" / "adapter"), merged=False)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    assert main(["merge", "--adapter", str(root / "run" / "adapter"), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_generate_and_eval(trained, capsys):
+    root, config = trained
+    assert main(["generate", "--adapter", str(root / "run" / "adapter"), "--prompt", "name a colour",
+                 "--max-new-tokens", "5"]) == 0
+    assert "### name a colour" in capsys.readouterr().out
+    assert main(["eval", str(config)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["loss"] > 0 and 0 <= metrics["token_accuracy"] <= 1
+
+
+def test_chat_reads_until_exit(trained):
+    import io
+
+    from lorafit.generate import chat, load_for_inference
+
+    root, _ = trained
+    model, tok = load_for_inference(adapter=str(root / "run" / "adapter"))
+    out = io.StringIO()
+    chat(model, tok, stdin=io.StringIO("hello\n/reset\nname a colour\n/exit\n"), stdout=out, max_new_tokens=3)
+    assert out.getvalue().count("model> ") == 2
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learning_rate: 0.1\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option train.learning_rate" in err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--set", "data.train=" + str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err

