@@ -170,3 +170,22 @@ def test_classification_with_head(tmp_path):
     assert json.loads((tmp_path / "run" / "adapter" / "labels.json").read_text()) == ["neg", "pos"]
     keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.classifier.weight" in keys
+
+
+def test_full_finetuning_baseline_saves_a_loadable_model(chat_setup, tmp_path):
+    from lorafit.generate import load_for_inference
+
+    model, data = chat_setup
+    result = train(_cfg(model, data, tmp_path / "run", "train.max_steps=6", "train.method=full", "train.lr=1e-3"),
+                   progress=False)
+    assert result.trainable_params == result.total_params
+    assert result.losses[-1] < result.losses[0]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert ckpt.list_checkpoints(tmp_path / "run")  # full-model checkpoint, resumable
+    tuned, _ = load_for_inference(adapter=str(tmp_path / "run" / "model"))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.isfinite(tuned(ids).logits).all()
+    result2 = train(_cfg(model, data, tmp_path / "run", "train.max_steps=8", "train.method=full", "train.lr=1e-3"),
+                    resume=True, progress=False)
+    assert result2.steps == 8

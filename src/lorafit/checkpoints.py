@@ -20,7 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from safetensors.torch import load_model, save_model
+
 from .io import save_adapter
+
+FULL_WEIGHTS = "model.safetensors"
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -49,7 +53,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, adapter_name: str,
+def save_weights(model: nn.Module, folder: Path, adapter_name: str | None) -> Path:
+    """The trained weights: the adapter (PEFT layout), or with adapter_name None the whole model."""
+    if adapter_name is not None:
+        return save_adapter(model, folder, adapter_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / FULL_WEIGHTS))  # de-duplicates tied tensors
+    return folder
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Inverse of save_weights(adapter_name=None)."""
+    missing, unexpected = load_model(model, str(Path(folder) / FULL_WEIGHTS), strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{folder}: checkpoint does not fit the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, adapter_name: str | None,
                     state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
     folder = Path(root) / "checkpoints"
@@ -57,7 +78,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, adapte
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}"
     try:
-        save_adapter(model, tmp, adapter_name)
+        save_weights(model, tmp, adapter_name)
         torch.save(state, tmp / "trainer_state.pt")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

@@ -227,6 +227,8 @@ class DataOptions:
 class TrainOptions:
     output_dir: str = "runs/lorafit"
     """Folder for the adapter, checkpoints, metrics.jsonl, TensorBoard logs and the loss plot."""
+    method: str = "lora"
+    """'lora' (train an adapter) or 'full' (full fine-tuning of every weight: the baseline LoRA is compared with)."""
     epochs: float = 1.0
     """Passes over the training data (fractions allowed); max_steps wins when set."""
     max_steps: int | None = None
@@ -251,7 +253,7 @@ class TrainOptions:
     """auto (bf16 autocast where the hardware runs it fast, else fp32), fp32 or bf16."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of storing them (less memory, ~30% slower)."""
-    loss_chunk: int = 2048
+    loss_chunk: int = 512
     """Tokens per chunk when computing the LM loss against the output head (bounds logits memory)."""
     eval_every: int = 50
     """Evaluate on the validation set every N steps (0: only at the end)."""
@@ -375,6 +377,7 @@ def _validate_run(cfg: RunConfig, source: str) -> None:
     checks = [
         (m.task in ("causal-lm", "classification"), f"model.task must be 'causal-lm' or 'classification', got {m.task!r}"),
         (t.schedule in ("cosine", "linear", "constant"), f"train.schedule must be cosine, linear or constant, got {t.schedule!r}"),
+        (t.method in ("lora", "full"), f"train.method must be 'lora' or 'full', got {t.method!r}"),
         (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}"),
         (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),

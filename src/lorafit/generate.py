@@ -18,7 +18,11 @@ from .models import load_model
 def load_for_inference(model: str | None = None, adapter: str | None = None, device: str = "auto",
                        dtype: str = "auto", cache_dir: str | None = None, merged: bool = True):
     """(model, tokenizer) ready to generate. The base defaults to the adapter's base model; with
-    `merged` the adapter is folded into the weights (no per-token overhead)."""
+    `merged` the adapter is folded into the weights (no per-token overhead). A fully fine-tuned
+    model folder (from a run with train.method=full) may be given as `adapter` too."""
+    labels_file = Path(adapter) / "labels.json" if adapter else None
+    if adapter and (Path(adapter) / "config.json").is_file() and not (Path(adapter) / "adapter_config.json").exists():
+        model, adapter = str(adapter), None  # a whole model, not an adapter
     if model is None:
         if adapter is None:
             model = "smollm2"
@@ -27,8 +31,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
             model = _local_name(config.base_model_name_or_path)
     task = "causal-lm"
     labels = None
-    if adapter and (Path(adapter) / "labels.json").is_file():
-        task, labels = "classification", json.loads((Path(adapter) / "labels.json").read_text())
+    if labels_file is not None and labels_file.is_file():
+        task, labels = "classification", json.loads(labels_file.read_text())
     net, tokenizer = load_model(model, task, len(labels) if labels else None, dtype, device, cache_dir)
     if adapter:
         load_adapter(net, adapter)
