@@ -211,6 +211,8 @@ class DataOptions:
     """Training file: .jsonl/.json/.csv/.tsv with chat messages, instruction/input/output, prompt/completion, text, or text,label."""
     validation: str | None = None
     """Validation file; when empty, val_fraction of the training file is held out (deterministically)."""
+    columns: dict[str, str] | None = None
+    """Rename the file's fields to lorafit's, keeping only these: e.g. {mr: prompt, ref: completion} or {sentence: text}."""
     val_fraction: float = 0.1
     """Share of the training file held out for validation when no validation file is given."""
     max_length: int = 512
@@ -219,6 +221,8 @@ class DataOptions:
     """Pack several short examples into one sequence (no padding; positions restart per example)."""
     train_on_prompt: bool = False
     """Also learn the prompt tokens (default: loss only on the answer)."""
+    system_prompt: str | None = None
+    """System message put before every chat that has none (also used by `lorafit eval --generate`)."""
     max_examples: int | None = None
     """Use only the first N training rows (quick experiments)."""
 

@@ -50,9 +50,11 @@ def _where(records: Sequence[dict], i: int, source: str | None) -> str:
     return f"{src}:{lines[i]}" if lines is not None and len(lines) == len(records) else f"{src} record {i + 1}"
 
 
-def read_records(path: str | Path) -> RecordList:
+def read_records(path: str | Path, columns: dict[str, str] | None = None) -> RecordList:
     """Read .jsonl/.json (JSON lines, or one JSON array), .csv or .tsv (header row) into dicts.
-    Every record is validated here so that a bad row fails before tokenization, naming file:line."""
+    `columns` maps the file's field names to lorafit's (e.g. {"mr": "prompt", "ref": "completion"});
+    with it, only the mapped fields are kept. Every record is validated here so that a bad row fails
+    before tokenization, naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -65,6 +67,8 @@ def read_records(path: str | Path) -> RecordList:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not rows:
         raise ValueError(f"{path}: file is empty (no records)")
+    if columns:
+        rows = [(line, _rename(record, columns, f"{path}:{line}")) for line, record in rows]
     first = None
     for line, record in rows:
         try:
@@ -117,6 +121,13 @@ def _json_array_items(text: str, path: Path) -> list[tuple[int, object]]:
         elif text[i:i + 1] != "]":
             raise ValueError(f"{path}:{line}: expected ',' or ']' after this item of the JSON array")
     return rows
+
+
+def _rename(record: dict, columns: dict[str, str], where: str) -> dict:
+    missing = [c for c in columns if c not in record]
+    if missing:
+        raise ValueError(f"{where}: no field {missing[0]!r} (data.columns maps it); the record has {sorted(record)}")
+    return {new: record[old] for old, new in columns.items()}
 
 
 def _read_delimited(path: Path, tsv: bool) -> list[tuple[int, dict]]:
@@ -180,6 +191,13 @@ def _check_fields(record: dict, fmt: str) -> None:
             raise ValueError(f"empty required field {key!r}")
     if fmt == "alpaca" and not isinstance(record.get("input") or "", str):
         raise ValueError("field 'input' must be a string")
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Prepend a system message unless there is one (templates like SmolLM2's otherwise add their own)."""
+    if system_prompt and (not messages or messages[0].get("role") != "system"):
+        return [{"role": "system", "content": system_prompt}] + messages
+    return messages
 
 
 def _to_messages(record: dict, fmt: str) -> list[dict]:
@@ -254,7 +272,7 @@ def _tokenize_chat(tokenizer, messages: list[dict], end_ids: set[int], bos: str)
 
 
 def build_causal_lm_examples(records: Sequence[dict], tokenizer, max_length: int = 512, source: str | None = None,
-                             train_on_prompt: bool = False) -> list[dict]:
+                             train_on_prompt: bool = False, system_prompt: str | None = None) -> list[dict]:
     """Records -> [{"input_ids": [...], "labels": [...]}]: loss only on assistant answers (each ending in
     its end token) unless train_on_prompt; "text" records learn every token. Sequences keep their
     first max_length tokens; examples left with no answer token are dropped with a warning."""
@@ -275,7 +293,8 @@ def build_causal_lm_examples(records: Sequence[dict], tokenizer, max_length: int
                 ids = _encode(tokenizer, bos + record["text"]) + [tokenizer.eos_token_id]
                 labels = list(ids)
             else:
-                ids, labels = _tokenize_chat(tokenizer, _to_messages(record, fmt), end_ids, bos)
+                ids, labels = _tokenize_chat(tokenizer, with_system(_to_messages(record, fmt), system_prompt),
+                                             end_ids, bos)
         except ValueError as e:
             raise ValueError(f"{_where(records, i, source)}: {e}") from None
         if train_on_prompt:
@@ -435,14 +454,15 @@ def batches(examples: Sequence[dict], batch_size: int, collator: Callable[[list[
 
 
 def load_split_records(train_path: str | Path, validation_path: str | Path | None = None, val_fraction: float = 0.1,
-                       seed: int = 0, max_examples: int | None = None) -> tuple[RecordList, RecordList]:
+                       seed: int = 0, max_examples: int | None = None,
+                       columns: dict[str, str] | None = None) -> tuple[RecordList, RecordList]:
     """(train, validation) records: the validation file when given, else a deterministic share of train.
     Splitting records (not tokens) keeps each validation row's text for generation metrics."""
-    records = read_records(train_path)
+    records = read_records(train_path, columns)
     if max_examples:
         records = RecordList(records[:max_examples], records.path, records.lines[:max_examples])
     if validation_path:
-        return records, read_records(validation_path)
+        return records, read_records(validation_path, columns)
     idx_train, idx_val = split_train_val(list(range(len(records))), val_fraction, seed)
     pick = lambda idx: RecordList([records[i] for i in idx], records.path, [records.lines[i] for i in idx])  # noqa: E731
     return pick(idx_train), pick(idx_val)

@@ -81,7 +81,7 @@ def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, gener
     from pathlib import Path
 
     from .data import (CausalLMCollator, ClassificationCollator, build_causal_lm_examples,
-                       build_classification_examples, load_split_records, read_records)
+                       build_classification_examples, load_split_records, read_records, with_system)
     from .generate import generate as run_generation
     from .generate import load_for_inference
 
@@ -92,10 +92,10 @@ def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, gener
     model, tokenizer = load_for_inference(cfg.model.name, adapter if use_adapter else None, cfg.model.device,
                                           cfg.model.dtype, cfg.model.cache_dir)
     if data:
-        records = read_records(data)
+        records = read_records(data, cfg.data.columns)
     else:
         records = load_split_records(cfg.data.train, cfg.data.validation, cfg.data.val_fraction, cfg.train.seed,
-                                     cfg.data.max_examples)[1]
+                                     cfg.data.max_examples, cfg.data.columns)[1]
     records = records[:limit] if limit else records
     if cfg.model.task == "classification":
         names = list(model.config.id2label.values()) if use_adapter else None
@@ -105,13 +105,15 @@ def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, gener
         return evaluate_examples(model, examples, ClassificationCollator(tokenizer.pad_token_id), "classification",
                                  cfg.train.batch_size)
     examples = build_causal_lm_examples(records, tokenizer, cfg.data.max_length,
-                                        train_on_prompt=cfg.data.train_on_prompt)
+                                        train_on_prompt=cfg.data.train_on_prompt,
+                                        system_prompt=cfg.data.system_prompt)
     metrics = evaluate_examples(model, examples, CausalLMCollator(tokenizer.pad_token_id), "causal-lm",
                                 cfg.train.batch_size, cfg.train.loss_chunk)
     if generate:
         from .metrics import generation_scores
 
         prompts, refs = prompts_and_references(records)
+        prompts = [with_system(p, cfg.data.system_prompt) for p in prompts]
         hyps = run_generation(model, tokenizer, prompts, max_new_tokens, num_beams=num_beams,
                               batch_size=cfg.train.batch_size)
         metrics.update(generation_scores(hyps, refs))

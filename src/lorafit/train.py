@@ -73,13 +73,15 @@ def tokenize_splits(cfg: RunConfig, tokenizer, labels: list[str] | None = None):
     d = cfg.data
     if not d.train:
         raise ValueError("data.train is not set: give a training file (jsonl/csv/tsv)")
-    train_rec, val_rec = load_split_records(d.train, d.validation, d.val_fraction, cfg.train.seed, d.max_examples)
+    train_rec, val_rec = load_split_records(d.train, d.validation, d.val_fraction, cfg.train.seed, d.max_examples,
+                                          d.columns)
     if cfg.model.task == "classification":
         train, names = build_classification_examples(train_rec, tokenizer, d.max_length, labels=labels)
         val = build_classification_examples(val_rec, tokenizer, d.max_length, labels=names)[0] if val_rec else []
         return train, val, names
     build = lambda rec: build_causal_lm_examples(rec, tokenizer, d.max_length,  # noqa: E731
-                                                 train_on_prompt=d.train_on_prompt) if rec else []
+                                                 train_on_prompt=d.train_on_prompt,
+                                                 system_prompt=d.system_prompt) if rec else []
     return build(train_rec), build(val_rec), None
 
 
@@ -94,7 +96,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     else:
         if not d.train:
             raise ValueError("data.train is not set: give a training file (jsonl/csv/tsv)")
-        read_records(d.train)  # a malformed file fails here, before the (slow) model load
+        read_records(d.train, d.columns)  # a malformed file fails here, before the (slow) model load
         model, tokenizer = load_model(m.name, "causal-lm", None, m.dtype, m.device, m.cache_dir)
         examples, val, names = tokenize_splits(cfg, tokenizer)
         collator = CausalLMCollator(tokenizer.pad_token_id)
