@@ -29,6 +29,7 @@ from .data import (CausalLMCollator, ClassificationCollator, build_causal_lm_exa
                    build_classification_examples, load_split_records, num_batches, pack_examples, read_records)
 from .evaluate import evaluate_examples
 from .inject import inject, parameter_report
+from .kernels import patch_model
 from .layers import LoraLayer, layer_kind
 from .io import load_adapter, save_adapter
 from .loss import causal_lm_loss
@@ -191,7 +192,8 @@ def prepare_for_training(model: nn.Module, precision: str, gradient_checkpointin
     every call anyway (it caches casts only for weights that require grad), so the numbers are the
     same; what changes is that no fp32 -> bf16 copy is made per step, and no bf16 copy is saved for
     backward: half the weight memory and one less pass over it. Embeddings, norms and the output
-    head keep their dtype (the residual stream and the loss stay fp32)."""
+    head keep their dtype (the residual stream and the loss stay fp32). RMSNorm and SwiGLU blocks
+    get the lean autograd functions of `kernels.py`."""
     if precision == "bf16":
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         head = head.base_layer if isinstance(head, LoraLayer) else head
@@ -201,6 +203,7 @@ def prepare_for_training(model: nn.Module, precision: str, gradient_checkpointin
             for p in module.parameters(recurse=False):
                 if not p.requires_grad and p.dtype == torch.float32:
                     p.data = p.data.to(torch.bfloat16)
+    patch_model(model)  # lean RMSNorm / SwiGLU where recognised (same numbers, less memory)
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
