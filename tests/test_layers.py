@@ -94,7 +94,11 @@ def test_dora_norm_formula_matches_explicit():
     _randomize(layer)
     ad = layer.adapters["d"]
     explicit = (base.weight + ad.scale * ad.B @ ad.A).norm(dim=1)
-    torch.testing.assert_close(layer._weight_norm(base.weight, ad), explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight_norm(ad), explicit, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the cached ||W||^2 must follow in-place changes of the base weight
+        base.weight.mul_(2)
+    explicit = (base.weight + ad.scale * ad.B @ ad.A).norm(dim=1)
+    torch.testing.assert_close(layer.weight_norm(ad), explicit, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", list(_bases()))

@@ -84,6 +84,7 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.sample_adapters: list[str] | None = None  # per-row adapter names for one mixed batch
+        self._row_sq_cache: tuple | None = None  # DoRA: (key, ||w_i||^2) of the frozen base weight
 
     # --- geometry ------------------------------------------------------------------------------
     @property
@@ -140,7 +141,7 @@ class LoraLayer(nn.Module):
         if pissa:
             ad.pissa_init = (A.clone(), B.clone())
         if dora:
-            norm = self._weight_norm(self.out_major_weight(), ad, detach=True)
+            norm = self.weight_norm(ad)
             ad.magnitude = nn.Parameter(norm.reshape(self._magnitude_shape()))
         self.adapters[name] = ad
 
@@ -217,7 +218,7 @@ class LoraLayer(nn.Module):
         if ad.magnitude is None:
             return ad.scale * lora
         # DoRA: W' = m * (W + sBA) / ||W + sBA||, the norm treated as a constant (as in the paper).
-        norm = self._weight_norm(self._out_major(self.base_layer.weight).detach(), ad, detach=True)
+        norm = self.weight_norm(ad)
         mscale = (ad.magnitude.reshape(-1) / norm).to(lora.dtype)
         mscale = mscale.view(-1, *(1,) * (lora.dim() - 2)) if self.kind == "conv" else mscale
         if drop:
@@ -232,19 +233,27 @@ class LoraLayer(nn.Module):
             return 0.0
         return bias.view(-1, *(1,) * (out.dim() - 2)) if self.kind == "conv" else bias
 
-    def _weight_norm(self, W: torch.Tensor, ad: LoraAdapter, detach: bool = False) -> torch.Tensor:
-        """Row norms of W + s B A (W out-major), without materialising B A.
+    @torch.no_grad()
+    def weight_norm(self, ad: LoraAdapter) -> torch.Tensor:
+        """Row norms of W + s B A for the current base weight, without materialising B A.
 
         ||w_i + s (BA)_i||^2 = ||w_i||^2 + 2 s <w_i A^T, b_i> + s^2 b_i (A A^T) b_i^T
-        which costs one (out, in) x (in, r) product instead of an (out, in) temporary.
+        costs one (out, in) x (in, r) product instead of an (out, in) temporary, and ||w_i||^2 is
+        cached (the base is frozen). DoRA treats this norm as a constant, hence no_grad.
         """
-        A = ad.A.detach() if detach else ad.A
-        B = ad.B.detach() if detach else ad.B
-        W = W.flatten(1).float()                        # (out, in')
-        A, B = A.flatten(1).float(), B.flatten(1).float()  # (r, in'), (out, r)
+        W = self._out_major(self.base_layer.weight).flatten(1)       # (out, in'), base dtype
+        A, B = ad.A.flatten(1).float(), ad.B.flatten(1).float()      # (r, in'), (out, r)
+        cross = F.linear(A.to(W.dtype), W).float().T                 # (out, r) = W A^T
         s = ad.scale
-        sq = (W * W).sum(1) + 2 * s * ((W @ A.T) * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
-        return sq.clamp_min(0).sqrt()                   # (out,)
+        sq = self._row_sq(W) + 2 * s * (cross * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+        return sq.clamp_min(0).sqrt()                                # (out,)
+
+    def _row_sq(self, W: torch.Tensor) -> torch.Tensor:
+        # Keyed on storage and version: a merge or any in-place write to the weight invalidates it.
+        key = (W.data_ptr(), self.base_layer.weight._version, W.dtype)
+        if self._row_sq_cache is None or self._row_sq_cache[0] != key:
+            self._row_sq_cache = (key, W.float().pow(2).sum(1))
+        return self._row_sq_cache[1]
 
     # --- merge ---------------------------------------------------------------------------------
     def merged_weight(self, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
