@@ -15,8 +15,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lorafit.data import (
     IGNORE_INDEX, CausalLMCollator, ClassificationCollator, batches, build_causal_lm_examples,
-    build_classification_examples, detect_format, num_batches, pack_examples, read_records, split_train_val,
+    build_classification_examples, num_batches, pack_examples,
 )
+from lorafit.records import detect_format, read_records, split_train_val
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

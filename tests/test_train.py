@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import write_chat_data, write_tiny_chat_model, write_tiny_classifier_base
 from lorafit import checkpoints as ckpt
-from lorafit.config import load_run_config
+from lorafit.run_config import load_run_config
 from lorafit.train import TrainingStopped, _optimizer, train
 
 

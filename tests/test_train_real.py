@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from lorafit.config import load_run_config
+from lorafit.run_config import load_run_config
 from lorafit.generate import generate
 from lorafit.io import load_adapter
 from lorafit.models import load_model

@@ -10,7 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from .config import SECTIONS, field_docs, load_run_config
+from .run_config import SECTIONS, field_docs, load_run_config
 
 
 def _config_reference() -> str:
@@ -23,7 +23,7 @@ def _config_reference() -> str:
                              (f.default_factory() if f.default_factory is not dataclasses.MISSING else None))
                     for f in dataclasses.fields(cls)}
         if section == "lora":
-            from .config import RUN_LORA_DEFAULTS
+            from .run_config import RUN_LORA_DEFAULTS
 
             defaults.update(RUN_LORA_DEFAULTS)
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}

@@ -51,7 +51,7 @@ def prompts_and_references(records: list[dict]) -> tuple[list[list[dict]], list[
     """Group records by prompt: (one message list per distinct prompt, all reference answers for it).
     Data-to-text sets (E2E) have several human references per input; each output is scored
     against all of them, as their official scripts do."""
-    from .data import detect_format
+    from .records import detect_format
 
     grouped: dict[str, tuple[list[dict], list[str]]] = {}
     for rec in records:
@@ -81,7 +81,8 @@ def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, gener
     from pathlib import Path
 
     from .data import (CausalLMCollator, ClassificationCollator, build_causal_lm_examples,
-                       build_classification_examples, load_split_records, read_records, with_system)
+                       build_classification_examples, with_system)
+    from .records import load_split_records, read_records
     from .generate import generate as run_generation
     from .generate import load_for_inference
 

@@ -89,7 +89,7 @@ def run(out: str = "runs/quickstart", steps: int = 60, model: str = "smollm2") -
     """Generate the data, show the base model's answers, fine-tune, show the tuned answers."""
     import torch
 
-    from .config import load_run_config
+    from .run_config import load_run_config
     from .generate import generate
     from .io import load_adapter
     from .models import load_model

@@ -24,9 +24,10 @@ from torch import nn
 
 from . import checkpoints as ckpt
 from .adapters import delete_adapter
-from .config import RunConfig
+from .run_config import RunConfig
 from .data import (CausalLMCollator, ClassificationCollator, build_causal_lm_examples, batches,
-                   build_classification_examples, load_split_records, num_batches, pack_examples, read_records)
+                   build_classification_examples, num_batches, pack_examples)
+from .records import load_split_records, read_records
 from .evaluate import evaluate_examples
 from .inject import inject, parameter_report
 from .kernels import patch_model

@@ -1,0 +1,261 @@
+"""Run configuration: one YAML file with sections model / data / lora / train, plus --set overrides.
+
+Every option has a default, a type and a docstring (the docstrings are what `lorafit train --help`
+prints). Unknown sections or keys are errors with a did-you-mean suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import LoraConfig
+
+
+@dataclass
+class ModelOptions:
+    name: str = "smollm2"
+    """Base model: 'smollm2' (SmolLM2-135M-Instruct, the default), 'minilm', a Hugging Face folder or a .gguf file."""
+    task: str = "causal-lm"
+    """'causal-lm' (chat / text generation) or 'classification' (text -> label, with a trained head)."""
+    dtype: str = "auto"
+    """Weight dtype: auto (float32 on CPU; training uses autocast), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    cache_dir: str | None = None
+    """Where converted GGUF models are cached (default $LORAFIT_CACHE or ~/.cache/lorafit)."""
+
+
+@dataclass
+class DataOptions:
+    train: str = ""
+    """Training file: .jsonl/.json/.csv/.tsv with chat messages, instruction/input/output, prompt/completion, text, or text,label."""
+    validation: str | None = None
+    """Validation file; when empty, val_fraction of the training file is held out (deterministically)."""
+    columns: dict[str, str] | None = None
+    """Rename the file's fields to lorafit's, keeping only these: e.g. {mr: prompt, ref: completion} or {sentence: text}."""
+    val_fraction: float = 0.1
+    """Share of the training file held out for validation when no validation file is given."""
+    max_length: int = 512
+    """Maximum tokens per example; longer ones are truncated (the start is kept)."""
+    packing: bool = False
+    """Pack several short examples into one sequence (no padding; positions restart per example)."""
+    train_on_prompt: bool = False
+    """Also learn the prompt tokens (default: loss only on the answer)."""
+    system_prompt: str | None = None
+    """System message put before every chat that has none (also used by `lorafit eval --generate`)."""
+    max_examples: int | None = None
+    """Use only the first N training rows (quick experiments)."""
+
+
+@dataclass
+class TrainOptions:
+    output_dir: str = "runs/lorafit"
+    """Folder for the adapter, checkpoints, metrics.jsonl, TensorBoard logs and the loss plot."""
+    method: str = "lora"
+    """'lora' (train an adapter) or 'full' (full fine-tuning of every weight: the baseline LoRA is compared with)."""
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed); max_steps wins when set."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    lora_plus_ratio: float | None = None
+    """LoRA+: learning rate of the B matrices = lr * ratio (the paper suggests 16)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapter."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming the learning rate up linearly from 0."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup: cosine, linear or constant."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value (null: no clipping)."""
+    precision: str = "auto"
+    """auto (bf16 autocast where the hardware runs it fast, else fp32), fp32 or bf16."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of storing them (less memory, ~30% slower)."""
+    loss_chunk: int = 512
+    """Tokens per chunk when computing the LM loss against the output head (bounds logits memory)."""
+    eval_every: int = 50
+    """Evaluate on the validation set every N steps (0: only at the end)."""
+    eval_batches: int | None = None
+    """Evaluate on at most this many validation batches (null: all)."""
+    save_every: int = 100
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    early_stopping_patience: int | None = None
+    """Stop when validation loss has not improved for this many evaluations."""
+    seed: int = 0
+    """Seed for adapter init, data split and order, dropout."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    threads: int | None = None
+    """CPU threads for torch (null: torch's default)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+
+
+RUN_LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+
+
+@dataclass
+class RunConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(**RUN_LORA_DEFAULTS))
+    train: TrainOptions = field(default_factory=TrainOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "train")}
+        lora = dataclasses.asdict(self.lora)
+        lora.pop("extra")
+        out["lora"] = lora
+        return out
+
+
+SECTIONS = {"model": ModelOptions, "data": DataOptions, "lora": LoraConfig, "train": TrainOptions}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: docstring} from the string literal under each field (litgpt's convention)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """Check (and gently convert) a YAML value against a field's annotation string."""
+    allowed = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        if "None" in allowed:
+            return None
+        raise ValueError(f"{where} cannot be null")
+    for a in allowed:
+        if a == "bool" and isinstance(value, bool):
+            return value
+        if a == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if a == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if a == "str" and isinstance(value, str):
+            return value
+        if a.startswith("list") and isinstance(value, list):
+            return value
+        if a.startswith("dict") and isinstance(value, dict):
+            return value
+    if "float" in allowed and isinstance(value, str):  # YAML reads 2e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{where} must be {annotation}, got {value!r} ({type(value).__name__})")
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+
+
+def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """A RunConfig from a nested dict; unknown sections or keys are errors with a suggestion."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+    unknown = [k for k in raw if k not in SECTIONS]
+    if unknown:
+        raise ValueError(f"{source}: unknown section {unknown[0]!r}{_suggest(unknown[0], SECTIONS)}")
+    built = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        for key in values:
+            if key not in fields:
+                raise ValueError(f"{source}: unknown option {name}.{key}{_suggest(key, fields)}")
+        kwargs = {k: _coerce(v, str(fields[k].type), f"{source}: {name}.{k}") for k, v in values.items()}
+        if cls is LoraConfig:
+            kwargs = {**RUN_LORA_DEFAULTS, **kwargs}
+        try:
+            built[name] = cls(**kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{source}: lora: {exc}") from None
+    cfg = RunConfig(**built)
+    _validate_run(cfg, source)
+    return cfg
+
+
+def _validate_run(cfg: RunConfig, source: str) -> None:
+    m, d, t = cfg.model, cfg.data, cfg.train
+    checks = [
+        (m.task in ("causal-lm", "classification"), f"model.task must be 'causal-lm' or 'classification', got {m.task!r}"),
+        (t.schedule in ("cosine", "linear", "constant"), f"train.schedule must be cosine, linear or constant, got {t.schedule!r}"),
+        (t.method in ("lora", "full"), f"train.method must be 'lora' or 'full', got {t.method!r}"),
+        (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}"),
+        (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
+        (t.epochs > 0 or (t.max_steps or 0) > 0, "set train.epochs > 0 or train.max_steps > 0"),
+        (t.max_steps is None or t.max_steps > 0, "train.max_steps must be > 0"),
+        (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}"),
+        (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (t.lora_plus_ratio is None or t.lora_plus_ratio > 0, "train.lora_plus_ratio must be > 0"),
+        (t.loss_chunk >= 16, "train.loss_chunk must be >= 16"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{source}: {message}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 0.0001); values are parsed as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"--set expects section.key=value, got {text!r}")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2:
+        raise ValueError(f"--set key must look like section.key (e.g. train.lr), got {key!r}")
+    return parts, yaml.safe_load(value) if value.strip() else None
+
+
+def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or start from defaults when path is None) and apply --set overrides."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        source = str(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+        raw[section][key] = value
+    return build_run_config(raw, source)
