@@ -33,11 +33,14 @@ def supports_chunked_head(model: nn.Module) -> bool:
     return True
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()                                        # (n, V)
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.argmax(-1) == labels).sum()
-    return loss, correct
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _chunk_loss_and_hits(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
+    logits = head(hidden).float()                                        # (n, V)
+    return F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum()
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048,
@@ -61,10 +64,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int 
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, n, chunk):
         h, t = hidden[start:start + chunk], target[start:start + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
-            part, hits = checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+        if need_accuracy:  # evaluation: no graph, and the argmax is wanted
+            part, hits = _chunk_loss_and_hits(head, h, t)
+            correct = correct + hits
+        elif torch.is_grad_enabled() and h.requires_grad:
+            part = checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
         else:
-            part, hits = _chunk_loss(head, h, t)
+            part = _chunk_loss(head, h, t)
         total = total + part
-        correct = correct + hits
     return total / max(n, 1), n, correct if need_accuracy else None
