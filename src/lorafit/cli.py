@@ -58,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.set or [])
     metrics = evaluate_run(cfg, adapter=args.adapter, data=args.data, generate=args.generate,
                            max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, limit=args.limit,
-                           predictions=args.predictions)
+                           predictions=args.predictions, loss=not args.no_loss)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-beams", type=int, default=1, help="beam width with --generate (1: greedy)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     e.add_argument("--predictions", help="write generated outputs to this JSONL file (with --generate)")
+    e.add_argument("--no-loss", action="store_true",
+                   help="skip the teacher-forced loss/perplexity pass (with --generate on large test sets)")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text (one prompt, or an interactive chat)",

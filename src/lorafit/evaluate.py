@@ -75,8 +75,10 @@ def prompts_and_references(records: list[dict]) -> tuple[list[list[dict]], list[
 
 def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, generate: bool = False,
                  max_new_tokens: int = 64, num_beams: int = 1, limit: int | None = None,
-                 predictions: str | None = None) -> dict[str, float]:
-    """`lorafit eval`: score an adapter (default: the run's) or the base model on validation data."""
+                 predictions: str | None = None, loss: bool = True) -> dict[str, float]:
+    """`lorafit eval`: score an adapter (default: the run's) or the base model on validation data.
+    The teacher-forced pass (loss, perplexity, token accuracy) runs under the run's precision;
+    `loss=False` skips it (e.g. when only generation metrics are wanted on a large test set)."""
     import json
     from pathlib import Path
 
@@ -105,11 +107,17 @@ def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, gener
         examples = build_classification_examples(records, tokenizer, cfg.data.max_length, labels=names)[0]
         return evaluate_examples(model, examples, ClassificationCollator(tokenizer.pad_token_id), "classification",
                                  cfg.train.batch_size)
-    examples = build_causal_lm_examples(records, tokenizer, cfg.data.max_length,
-                                        train_on_prompt=cfg.data.train_on_prompt,
-                                        system_prompt=cfg.data.system_prompt)
-    metrics = evaluate_examples(model, examples, CausalLMCollator(tokenizer.pad_token_id), "causal-lm",
-                                cfg.train.batch_size, cfg.train.loss_chunk)
+    metrics: dict[str, float] = {}
+    if loss:
+        from .precision import autocast_context, resolve_precision
+
+        examples = build_causal_lm_examples(records, tokenizer, cfg.data.max_length,
+                                            train_on_prompt=cfg.data.train_on_prompt,
+                                            system_prompt=cfg.data.system_prompt)
+        device = next(model.parameters()).device
+        with autocast_context(resolve_precision(cfg.train.precision, device), device):
+            metrics = evaluate_examples(model, examples, CausalLMCollator(tokenizer.pad_token_id), "causal-lm",
+                                        cfg.train.batch_size, cfg.train.loss_chunk)
     if generate:
         from .metrics import generation_scores
 
