@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .records import _check_fields, _where, detect_format
+from .records import check_fields, record_location, detect_format
 
 IGNORE_INDEX = -100  # the label value torch.nn.functional.cross_entropy skips by default
 # Chat templates often end an assistant turn with a turn-end token rather than tokenizer.eos_token
@@ -118,7 +118,7 @@ def build_causal_lm_examples(records: Sequence[dict], tokenizer, max_length: int
             fmt = detect_format(record)
             if fmt == "classification":
                 raise ValueError("a classification record (text + label); use build_classification_examples")
-            _check_fields(record, fmt)  # records may come from code, not only from read_records
+            check_fields(record, fmt)  # records may come from code, not only from read_records
             if fmt == "text":
                 ids = _encode(tokenizer, bos + record["text"]) + [tokenizer.eos_token_id]
                 labels = list(ids)
@@ -126,7 +126,7 @@ def build_causal_lm_examples(records: Sequence[dict], tokenizer, max_length: int
                 ids, labels = _tokenize_chat(tokenizer, with_system(_to_messages(record, fmt), system_prompt),
                                              end_ids, bos)
         except ValueError as e:
-            raise ValueError(f"{_where(records, i, source)}: {e}") from None
+            raise ValueError(f"{record_location(records, i, source)}: {e}") from None
         if train_on_prompt:
             labels = list(ids)
         ids, labels = ids[:max_length], labels[:max_length]
@@ -151,9 +151,9 @@ def build_classification_examples(records: Sequence[dict], tokenizer, max_length
             fmt = detect_format(record)
             if fmt != "classification":
                 raise ValueError(f"expected a text + label record, got {fmt!r}")
-            _check_fields(record, fmt)
+            check_fields(record, fmt)
         except ValueError as e:
-            raise ValueError(f"{_where(records, i, source)}: {e}") from None
+            raise ValueError(f"{record_location(records, i, source)}: {e}") from None
         names.append(str(record["label"]).strip())
     if labels is None:
         try:
@@ -167,7 +167,7 @@ def build_classification_examples(records: Sequence[dict], tokenizer, max_length
     examples = []
     for i, (record, name) in enumerate(zip(records, names)):
         if name not in index:
-            raise ValueError(f"{_where(records, i, source)}: unknown label {name!r}; known labels: {labels}")
+            raise ValueError(f"{record_location(records, i, source)}: unknown label {name!r}; known labels: {labels}")
         ids = tokenizer(record["text"], truncation=True, max_length=max_length)["input_ids"]
         examples.append({"input_ids": list(ids), "label": index[name]})
     return examples, labels

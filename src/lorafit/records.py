@@ -35,7 +35,7 @@ class RecordList(list):
         self.path, self.lines = path, list(lines)
 
 
-def _where(records: Sequence[dict], i: int, source: str | None) -> str:
+def record_location(records: Sequence[dict], i: int, source: str | None) -> str:
     src = source or getattr(records, "path", "<records>")
     lines = getattr(records, "lines", None)
     return f"{src}:{lines[i]}" if lines is not None and len(lines) == len(records) else f"{src} record {i + 1}"
@@ -64,7 +64,7 @@ def read_records(path: str | Path, columns: dict[str, str] | None = None) -> Rec
     for line, record in rows:
         try:
             fmt = detect_format(record)
-            _check_fields(record, fmt)
+            check_fields(record, fmt)
         except ValueError as e:
             raise ValueError(f"{path}:{line}: {e}") from None
         if first is None:
@@ -158,7 +158,7 @@ def detect_format(record: dict) -> str:
     raise ValueError(f"record with keys {sorted(record)} matches no known format; accepted forms:\n{forms}")
 
 
-def _check_fields(record: dict, fmt: str) -> None:
+def check_fields(record: dict, fmt: str) -> None:
     if fmt == "messages":
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:

@@ -9,6 +9,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -72,8 +73,6 @@ class TrainResult:
 def tokenize_splits(cfg: RunConfig, tokenizer, labels: list[str] | None = None):
     """(train examples, validation examples, label names) for the run's task."""
     d = cfg.data
-    if not d.train:
-        raise ValueError("data.train is not set: give a training file (jsonl/csv/tsv)")
     train_rec, val_rec = load_split_records(d.train, d.validation, d.val_fraction, cfg.train.seed, d.max_examples,
                                           d.columns)
     if cfg.model.task == "classification":
@@ -89,14 +88,14 @@ def tokenize_splits(cfg: RunConfig, tokenizer, labels: list[str] | None = None):
 def prepare(cfg: RunConfig) -> Prepared:
     """Read and tokenize the data, load the model, add the adapter."""
     d, m = cfg.data, cfg.model
+    if not d.train:
+        raise ValueError("data.train is not set: give a training file (jsonl/csv/tsv)")
     if m.task == "classification":
         tokenizer = load_tokenizer(m.name, m.cache_dir)
         examples, val, names = tokenize_splits(cfg, tokenizer)  # labels decide the head size
         model, tokenizer = load_model(m.name, "classification", len(names), m.dtype, m.device, m.cache_dir)
         collator = ClassificationCollator(tokenizer.pad_token_id)
     else:
-        if not d.train:
-            raise ValueError("data.train is not set: give a training file (jsonl/csv/tsv)")
         read_records(d.train, d.columns)  # a malformed file fails here, before the (slow) model load
         model, tokenizer = load_model(m.name, "causal-lm", None, m.dtype, m.device, m.cache_dir)
         examples, val, names = tokenize_splits(cfg, tokenizer)
@@ -106,11 +105,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     if d.packing and m.task == "causal-lm":
         examples = pack_examples(examples, d.max_length)
     lora = cfg.lora
-    if m.task == "classification" and not lora.modules_to_save:
-        head = [n for n in ("classifier", "score") if hasattr(model, n)]
-        lora = type(lora)(**{**_fields(lora), "modules_to_save": head})
-    lora = type(lora)(**{**_fields(lora), "base_model_name_or_path": model.config._name_or_path,
-                         "task_type": "SEQ_CLS" if m.task == "classification" else "CAUSAL_LM"})
+    if m.task == "classification" and not lora.modules_to_save:  # the new head must train
+        lora = dataclasses.replace(lora, modules_to_save=[n for n in ("classifier", "score") if hasattr(model, n)])
+    lora = dataclasses.replace(lora, base_model_name_or_path=model.config._name_or_path,
+                               task_type="SEQ_CLS" if m.task == "classification" else "CAUSAL_LM")
     torch.manual_seed(cfg.train.seed)
     if cfg.train.method == "full":
         model.requires_grad_(True)
@@ -136,12 +134,6 @@ def save_final(prep: Prepared, folder: Path, adapter: str | None) -> Path:
     if prep.label_names is not None:
         (folder / "labels.json").write_text(json.dumps(prep.label_names) + "\n")
     return folder
-
-
-def _fields(obj) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
