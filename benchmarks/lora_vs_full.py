@@ -3,7 +3,7 @@
 Every task trains twice from the recipes in examples/ -- once with LoRA, once with every weight
 trainable (train.method=full) -- on the same examples (same steps, batch and seed; only the learning
 rate differs: for MiniLM picked per method on TREC validation, for SmolLM2 the usual values, not
-tuned), then scores both on the task's report split:
+tuned; the MiniLM LoRA rank and targets were chosen on SST-2 / TREC validation), then scores both on the task's report split:
 
     task   model                        report split                          scored with
     e2e    SmolLM2-135M-Instruct        e2e_nlg/testset_w_refs.csv (630 MRs)  greedy decoding, best-on-dev adapter/model
