@@ -80,8 +80,8 @@ class TrainOptions:
     """auto (bf16 autocast where the hardware runs it fast, else fp32), fp32 or bf16."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of storing them (less memory, ~30% slower)."""
-    loss_chunk: int = 512
-    """Tokens per chunk when computing the LM loss against the output head (bounds logits memory)."""
+    loss_chunk: int = 256
+    """Tokens per chunk when computing the LM loss against the output head (bounds logits memory: 256 x 49,152 fp32 = 50 MB for SmolLM2)."""
     eval_every: int = 50
     """Evaluate on the validation set every N steps (0: only at the end)."""
     eval_batches: int | None = None
