@@ -50,6 +50,7 @@ class Row:
     dora: bool = False
     precision: str = "default"  # "fp32" | "bf16" | "default" (lorafit's own default: TrainOptions)
     gc: bool = False  # gradient checkpointing (lorafit rows without it use the library's default)
+    recompute_mlp: bool = False  # lorafit: train.recompute_mlp
     every_len: bool = True  # False: only at --extra-seq-lens
 
 
@@ -58,6 +59,7 @@ ROWS = {
     "peft-bf16-gc": Row("PEFT bf16 autocast + gradient checkpointing", "peft", precision="bf16", gc=True),
     "lorafit": Row("lorafit default", "lorafit"),
     "lorafit-gc": Row("lorafit + gradient checkpointing", "lorafit", gc=True),
+    "lorafit-rmlp": Row("lorafit + recompute_mlp", "lorafit", recompute_mlp=True),
     "lorafit-fp32": Row("lorafit fp32", "lorafit", precision="fp32", every_len=False),
     "peft-dora-fp32": Row("PEFT DoRA default fp32", "peft", dora=True, precision="fp32", every_len=False),
     "lorafit-dora": Row("lorafit DoRA default", "lorafit", dora=True, every_len=False),
@@ -214,7 +216,8 @@ def child_run(args, key: str, T: int, out: Path) -> dict:
             for k, v in state.items():
                 params[k].copy_(v)
         if hasattr(lt, "prepare_for_training"):  # the library's own lean-training setup, when it has one
-            model = lt.prepare_for_training(model, precision, row.gc or defaults.gradient_checkpointing) or model
+            model = lt.prepare_for_training(model, precision, row.gc or defaults.gradient_checkpointing,
+                                            row.recompute_mlp or defaults.recompute_mlp) or model
         elif defaults.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -177,7 +177,8 @@ def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, chu
     return causal_lm_loss(model, batch, chunk)[0]
 
 
-def prepare_for_training(model: nn.Module, precision: str, gradient_checkpointing: bool = False) -> None:
+def prepare_for_training(model: nn.Module, precision: str, gradient_checkpointing: bool = False,
+                         recompute_mlp: bool = False) -> None:
     """The lean setup `train` uses (and the benchmark measures).
 
     With bf16, every frozen weight is stored in bf16 once; the trainable adapter (and any fully
@@ -188,12 +189,13 @@ def prepare_for_training(model: nn.Module, precision: str, gradient_checkpointin
     add and rotary embedding. Storing the frozen model in bf16 removes all of that: half the weight
     memory, half the activation memory of the residual stream, far fewer element-wise casts. The
     loss moves by ~0.05% relative at step 1 on SmolLM2 (measured by benchmarks/peft_vs_lorafit.py).
-    RMSNorm and SwiGLU blocks get the lean autograd functions of `kernels.py`."""
+    RMSNorm and SwiGLU blocks get the lean autograd functions of `kernels.py`; with `recompute_mlp`
+    the SwiGLU output is recomputed in backward rather than kept (moot under checkpointing)."""
     if precision == "bf16":
         for p in model.parameters():
             if not p.requires_grad and p.dtype == torch.float32:
                 p.data = p.data.to(torch.bfloat16)
-    patch_model(model)  # lean RMSNorm / SwiGLU where recognised (same numbers, less memory)
+    patch_model(model, recompute_swiglu=recompute_mlp and not gradient_checkpointing)
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
@@ -250,7 +252,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, progress: bool = Tru
     model = prep.model
     device = next(model.parameters()).device
     precision = resolve_precision(t.precision, device)
-    prepare_for_training(model, precision, t.gradient_checkpointing)
+    prepare_for_training(model, precision, t.gradient_checkpointing, t.recompute_mlp)
     per_epoch = num_batches(len(prep.train), t.batch_size)
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
 
