@@ -81,7 +81,7 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of storing them (least memory, ~10-25% slower)."""
     recompute_mlp: bool = False
-    """SwiGLU models: recompute the SwiGLU output in backward instead of keeping it (~15% less peak memory, ~8% slower)."""
+    """SwiGLU models: recompute the SwiGLU output in backward instead of keeping it (a few % to ~15% less peak memory, up to ~8% slower; measured in benchmarks/)."""
     loss_chunk: int = 256
     """Tokens per chunk when computing the LM loss against the output head (bounds logits memory: 256 x 49,152 fp32 = 50 MB for SmolLM2)."""
     eval_every: int = 50
