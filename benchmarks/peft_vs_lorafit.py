@@ -215,11 +215,8 @@ def child_run(args, key: str, T: int, out: Path) -> dict:
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
-        if hasattr(lt, "prepare_for_training"):  # the library's own lean-training setup, when it has one
-            model = lt.prepare_for_training(model, precision, row.gc or defaults.gradient_checkpointing,
-                                            row.recompute_mlp or defaults.recompute_mlp) or model
-        elif defaults.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lt.prepare_for_training(model, precision, row.gc or defaults.gradient_checkpointing,  # what `train` runs
+                                row.recompute_mlp or defaults.recompute_mlp)
 
         def step(batch):
             return lt.forward_backward(model, [batch], "causal-lm", precision, defaults.loss_chunk, None)[0]

@@ -123,6 +123,13 @@ def chat_tokenizer():
                                    bos_token="<|endoftext|>", chat_template=CHATML)
 
 
+def write_text(folder: Path, name: str, text: str) -> Path:
+    """folder/name with `text` (UTF-8); returns the path."""
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
     """A tiny Llama + BPE chat tokenizer saved like a Hugging Face folder."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,23 +1,22 @@
-"""Tests for lorafit.data: reading, format detection, loss masks, splitting, packing, collation, batching.
+"""Tests for lorafit.data: loss masks, classification examples, packing, collation, batching.
 
 Chat tests use a small byte-level BPE tokenizer trained here with a ChatML template (the one SmolLM2
 uses, minus its default system prompt), so they run offline and fast; one slow test uses the real
 SmolLM2 tokenizer from its GGUF file.
 """
 import importlib.util
-import random
-from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from conftest import write_text
 from lorafit.data import (
     IGNORE_INDEX, CausalLMCollator, ClassificationCollator, batches, build_causal_lm_examples,
     build_classification_examples, num_batches, pack_examples,
 )
-from lorafit.records import detect_format, read_records, split_train_val
+from lorafit.records import read_records
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -55,12 +54,6 @@ def minilm_tok():
     return AutoTokenizer.from_pretrained(folder)
 
 
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def labeled_runs(example: dict) -> list[list[int]]:
     """Maximal runs of consecutive positions whose label is not IGNORE_INDEX."""
     runs, current = [], []
@@ -73,82 +66,6 @@ def labeled_runs(example: dict) -> list[list[int]]:
             assert label == token, "an unshifted label must equal its input token"
             current.append(token)
     return runs + ([current] if current else [])
-
-
-# ------------------------------------------------------------------------------------ reading
-
-def test_read_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
-    path = write(tmp_path, "d.jsonl", '{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": "d"}\n')
-    records = read_records(path)
-    assert records == [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
-    assert records.lines == [1, 3]
-
-
-def test_malformed_jsonl_line_is_reported_by_its_line_number(tmp_path):
-    path = write(tmp_path, "d.jsonl", '{"text": "a"}\n{"text": "b"}\n\n{"text": "c"\n{"text": "d"}\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:4: invalid JSON"):
-        read_records(path)
-
-
-@pytest.mark.parametrize("line, message", [
-    ('[1, 2]', "expected a JSON object"),
-    ('{"prompt": "a", "completion": ""}', "empty required field 'completion'"),
-    ('{"question": "a"}', "matches no known format"),
-    ('{"text": "a", "label": "x"}', r"is 'classification' but line 1 is 'prompt_completion'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
-    ('{"messages": [{"role": "assistant", "content": "hi"}]}', "starts with an assistant turn"),
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', r"messages\[0\]"),
-])
-def test_bad_record_names_file_line_and_problem(tmp_path, line, message):
-    path = write(tmp_path, "d.jsonl", '{"prompt": "a", "completion": "b"}\n' + line + "\n")
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: .*" + message):
-        read_records(path)
-
-
-def test_json_array_file_reports_line_of_bad_item(tmp_path):
-    good = write(tmp_path, "a.json", '[\n  {"instruction": "i", "output": "o"},\n  {"instruction": "j", "output": "p"}\n]')
-    assert read_records(good).lines == [2, 3]
-    bad = write(tmp_path, "b.json", '[\n  {"instruction": "i", "output": "o"},\n  {"instruction": "j", "output": ""}\n]')
-    with pytest.raises(ValueError, match=r"b\.json:3: empty required field 'output'"):
-        read_records(bad)
-
-
-def test_csv_reads_rows_and_reports_bad_row_after_multiline_field(tmp_path):
-    path = write(tmp_path, "d.csv", 'text,label\n"two\nlines",pos\nok,neg\nthree,cols,here\n')
-    with pytest.raises(ValueError, match=r"d\.csv:5: expected 2 columns \(text, label\), got 3"):
-        read_records(path)
-    path = write(tmp_path, "e.csv", '\ufefftext,label\n"two\nlines",pos\nok,\n')
-    with pytest.raises(ValueError, match=r"e\.csv:4: empty required field 'label'"):
-        read_records(path)
-    records = read_records(write(tmp_path, "f.csv", 'text,label\n"two\nlines",pos\nok,neg\n'))
-    assert records == [{"text": "two\nlines", "label": "pos"}, {"text": "ok", "label": "neg"}]
-    assert records.lines == [2, 4]
-
-
-def test_tsv_keeps_quotes_literal(tmp_path):
-    records = read_records(write(tmp_path, "d.tsv", 'prompt\tcompletion\nsay "hi"\t"hi"\n'))
-    assert records == [{"prompt": 'say "hi"', "completion": '"hi"'}]
-
-
-def test_missing_unknown_and_empty_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        read_records(tmp_path / "nope.jsonl")
-    with pytest.raises(ValueError, match="unknown data file extension '.txt'"):
-        read_records(write(tmp_path, "d.txt", "hello"))
-    for name in ("e.jsonl", "e.csv", "f.csv"):
-        with pytest.raises(ValueError, match="empty"):
-            read_records(write(tmp_path, name, "text\n" if name == "f.csv" else "\n"))
-
-
-def test_detect_format_each_form_and_error_lists_forms():
-    assert detect_format({"messages": []}) == "messages"
-    assert detect_format({"instruction": "a", "output": "b"}) == "alpaca"
-    assert detect_format({"instruction": "a", "input": "", "output": "b", "text": "t"}) == "alpaca"
-    assert detect_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
-    assert detect_format({"text": "a", "label": 1}) == "classification"
-    assert detect_format({"text": "a"}) == "text"
-    with pytest.raises(ValueError, match=r"(?s)accepted forms.*messages.*alpaca.*prompt_completion.*classification.*text"):
-        detect_format({"question": "q", "answer": "a"})
 
 
 # ----------------------------------------------------------------------------------- causal LM
@@ -229,7 +146,7 @@ def test_truncation_keeps_start_and_drops_answerless_examples(chat_tok):
 
 
 def test_causal_errors_name_the_record_line(tmp_path, chat_tok):
-    records = read_records(write(tmp_path, "c.csv", "text,label\na,x\nb,y\n"))
+    records = read_records(write_text(tmp_path, "c.csv", "text,label\na,x\nb,y\n"))
     with pytest.raises(ValueError, match=r"c\.csv:2: .*build_classification_examples"):
         build_causal_lm_examples(records, chat_tok)
 
@@ -288,28 +205,14 @@ def test_classification_labels_sorted_numerically_and_examples(minilm_tok):
 
 
 def test_classification_unknown_label_names_file_and_line(tmp_path, minilm_tok):
-    records = read_records(write(tmp_path, "d.csv", "text,label\na,pos\nb,neg\nc,meh\n"))
+    records = read_records(write_text(tmp_path, "d.csv", "text,label\na,pos\nb,neg\nc,meh\n"))
     examples, names = build_classification_examples(records, minilm_tok, labels=["pos", "neg", "meh"])
     assert names == ["pos", "neg", "meh"] and [e["label"] for e in examples] == [0, 1, 2]
     with pytest.raises(ValueError, match=r"d\.csv:4: unknown label 'meh'; known labels: \['pos', 'neg'\]"):
         build_classification_examples(records, minilm_tok, labels=["pos", "neg"])
 
 
-# ------------------------------------------------------------------------------ split and pack
-
-def test_split_is_deterministic_disjoint_and_ignores_global_rng():
-    items = list(range(50))
-    random.seed(1)
-    train, val = split_train_val(items, 0.2, seed=3)
-    random.seed(2)
-    assert split_train_val(items, 0.2, seed=3) == (train, val)
-    assert len(val) == 10 and sorted(train + val) == items and not set(train) & set(val)
-    assert split_train_val(items, 0.2, seed=4) != (train, val)
-    assert [len(part) for part in split_train_val([1, 2], 0.01)] == [1, 1]
-    assert split_train_val([1, 2, 3], 0.0) == ([1, 2, 3], [])
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_train_val(items, 1.0)
-
+# ------------------------------------------------------------------------------------ packing
 
 def test_packing_preserves_tokens_labels_and_restarts_positions():
     examples = [{"input_ids": list(range(k * 10, k * 10 + n)), "labels": [IGNORE_INDEX] + list(range(k * 10 + 1, k * 10 + n))}

@@ -12,6 +12,7 @@ from torch import nn
 from .data import batches
 from .loss import causal_lm_loss
 from .metrics import accuracy, macro_f1
+from .precision import autocast_context, resolve_precision
 
 
 @torch.no_grad()
@@ -109,8 +110,6 @@ def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, gener
                                  cfg.train.batch_size)
     metrics: dict[str, float] = {}
     if loss:
-        from .precision import autocast_context, resolve_precision
-
         examples = build_causal_lm_examples(records, tokenizer, cfg.data.max_length,
                                             train_on_prompt=cfg.data.train_on_prompt,
                                             system_prompt=cfg.data.system_prompt)
