@@ -78,9 +78,9 @@ def recipe(task: str, method: str) -> Path:
 
 # ------------------------------------------------------------------ child: one training run + scoring --
 def child(task_name: str, method: str, run_dir: Path, overrides: list[str], limit: int | None) -> None:
-    from lorafit.run_config import load_run_config
-    from lorafit.evaluate import evaluate_run
-    from lorafit.train import train
+    from lorafit.train.config import load_run_config
+    from lorafit.infer.evaluate import evaluate_run
+    from lorafit.train.trainer import train
 
     task = TASKS[task_name]
     cfg = load_run_config(str(recipe(task_name, method)), [*overrides, f"train.output_dir={run_dir}"])
@@ -111,11 +111,11 @@ def score_generation(cfg, folder: str, data: str, limit: int | None, predictions
 
     The generation half of `lorafit eval --generate` (lorafit.evaluate.evaluate_run), without its
     teacher-forced loss pass over all 4,693 test rows, which would cost more than the decoding."""
-    from lorafit.data import with_system
-    from lorafit.records import read_records
-    from lorafit.evaluate import prompts_and_references
-    from lorafit.generate import generate, load_for_inference
-    from lorafit.metrics import generation_scores
+    from lorafit.data.batching import with_system
+    from lorafit.data.records import read_records
+    from lorafit.infer.evaluate import prompts_and_references
+    from lorafit.infer.generate import generate, load_for_inference
+    from lorafit.tasks.metrics import generation_scores
 
     model, tokenizer = load_for_inference(cfg.model.name, folder, cfg.model.device, cfg.model.dtype,
                                           cfg.model.cache_dir)
@@ -133,7 +133,7 @@ def score_generation(cfg, folder: str, data: str, limit: int | None, predictions
 # ---------------------------------------------------------------------------------- parent side --
 def run_overrides(task: str, method: str, scale: float, smoke: bool) -> tuple[list[str], int | None]:
     """(--set overrides, eval limit) for one run: the recipe's budget scaled, or the smoke budget."""
-    from lorafit.run_config import load_run_config
+    from lorafit.train.config import load_run_config
 
     base = load_run_config(str(recipe(task, method))).train
     if smoke:
@@ -148,7 +148,7 @@ def run_overrides(task: str, method: str, scale: float, smoke: bool) -> tuple[li
 
 def check_twins(tasks: list[str]) -> None:
     """A task's LoRA and full recipes must see the same examples; only method and lr may differ."""
-    from lorafit.run_config import load_run_config
+    from lorafit.train.config import load_run_config
 
     for task in tasks:
         lora, full = (load_run_config(str(recipe(task, m))) for m in METHODS)

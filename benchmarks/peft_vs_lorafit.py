@@ -76,7 +76,7 @@ def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.model == "smollm2":
-        from lorafit.models import load_model
+        from lorafit.models.loading import load_model
 
         model, tok = load_model("smollm2", device=args.device)
         return model, tok, next(model.parameters()).device
@@ -157,8 +157,8 @@ def child_init(args, out: Path) -> dict:
     """Batches, lorafit's initial adapters (LoRA and DoRA), FLOPs per token and the GEMM ceiling."""
     import torch
     from lorafit import LoraConfig, delete_adapter, inject
-    from lorafit.run_config import TrainOptions
-    from lorafit.precision import resolve_precision
+    from lorafit.train.config import TrainOptions
+    from lorafit.ops.precision import resolve_precision
 
     model, tok, device = build_model(args)
     batches = {T: make_batches(args, tok, model.config.vocab_size, T) for T in args.seq_lens}
@@ -202,10 +202,10 @@ def child_run(args, key: str, T: int, out: Path) -> dict:
     state = init["dora" if row.dora else "lora"]
     model, _, device = build_model(args)
     if row.lib == "lorafit":
-        import lorafit.train as lt
+        import lorafit.train.trainer as lt
         from lorafit import LoraConfig, inject
-        from lorafit.run_config import TrainOptions
-        from lorafit.precision import resolve_precision
+        from lorafit.train.config import TrainOptions
+        from lorafit.ops.precision import resolve_precision
 
         defaults = TrainOptions()
         precision = resolve_precision(defaults.precision if row.precision == "default" else row.precision, device)

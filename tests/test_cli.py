@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import write_chat_data, write_tiny_chat_model
-from lorafit.cli import build_parser, main
+from lorafit.cli.main import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_inspect(trained, capsys):
 def test_merge_writes_plain_model_equal_to_adapter(trained, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lorafit.generate import load_for_inference
+    from lorafit.infer.generate import load_for_inference
 
     root, _ = trained
     out = root / "merged"
@@ -71,7 +71,7 @@ def test_generate_and_eval(trained, capsys):
 def test_chat_reads_until_exit(trained):
     import io
 
-    from lorafit.generate import chat, load_for_inference
+    from lorafit.infer.generate import chat, load_for_inference
 
     root, _ = trained
     model, tok = load_for_inference(adapter=str(root / "run" / "adapter"))

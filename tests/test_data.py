@@ -12,11 +12,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import write_text
-from lorafit.data import (
+from lorafit.data.batching import (
     IGNORE_INDEX, CausalLMCollator, ClassificationCollator, batches, build_causal_lm_examples,
     build_classification_examples, num_batches, pack_examples,
 )
-from lorafit.records import read_records
+from lorafit.data.records import read_records
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

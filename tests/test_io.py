@@ -123,7 +123,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lorafit.io.save_file", boom)
+    monkeypatch.setattr("lorafit.tuner.peft_format.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == good

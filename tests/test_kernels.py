@@ -3,8 +3,8 @@ import torch
 
 from conftest import model_input, randomize_adapters, tiny_llama
 from lorafit import LoraConfig, inject
-from lorafit.kernels import patch_model, rms_norm, swiglu
-from lorafit.loss import causal_lm_loss
+from lorafit.ops.lean_blocks import patch_model, rms_norm, swiglu
+from lorafit.ops.lm_loss import causal_lm_loss
 
 
 def test_rms_norm_matches_reference_values_and_grads():
@@ -49,7 +49,7 @@ def _run(recompute: bool, dropout: float, monkeypatch):
     """(SwiGLU outputs still alive after forward, loss, adapter grads) for a LoRA tiny Llama."""
     import weakref
 
-    import lorafit.kernels as kernels
+    import lorafit.ops.lean_blocks as kernels
 
     outputs = []
     real = kernels.swiglu

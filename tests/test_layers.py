@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.layers import LoraLayer, TrainedCopy, layer_kind
+from lorafit.tuner.layer import LoraLayer, TrainedCopy, layer_kind
 
 
 def _bases():

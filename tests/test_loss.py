@@ -5,7 +5,7 @@ from torch import nn
 
 from conftest import model_input, randomize_adapters, tiny_llama
 from lorafit import LoraConfig, inject
-from lorafit.loss import causal_lm_loss, linear_cross_entropy
+from lorafit.ops.lm_loss import causal_lm_loss, linear_cross_entropy
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from lorafit import metrics
-from lorafit.metrics import (accuracy, cider, corpus_bleu, generation_scores, macro_f1, meteor,
+from lorafit.tasks import metrics as metrics
+from lorafit.tasks.metrics import (accuracy, cider, corpus_bleu, generation_scores, macro_f1, meteor,
                              perplexity, rouge_l, token_accuracy)
 
 

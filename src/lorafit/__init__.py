@@ -6,13 +6,13 @@ The public API is a handful of plain functions on an ordinary transformers model
     report = inject(model, LoraConfig(r=16, target_modules="all-linear"))
 """
 
-from .adapters import (active_adapters, add_weighted_adapter, adapter_names, delete_adapter, disable_adapter,
+from lorafit.tuner.state import (active_adapters, add_weighted_adapter, adapter_names, delete_adapter, disable_adapter,
                        per_sample_adapters, set_active, train_adapter)
-from .config import LoraConfig
-from .inject import find_targets, inject, parameter_report, unwrap
-from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
-from .layers import LoraLayer, TrainedCopy
-from .merge import MergeError, merge, merge_and_unload, merged_adapters, unmerge
+from lorafit.tuner.config import LoraConfig
+from lorafit.tuner.inject import find_targets, inject, parameter_report, unwrap
+from lorafit.tuner.peft_format import AdapterFileError, load_adapter, read_adapter, save_adapter
+from lorafit.tuner.layer import LoraLayer, TrainedCopy
+from lorafit.tuner.merge import MergeError, merge, merge_and_unload, merged_adapters, unmerge
 
 __version__ = "0.1.0"
 __all__ = [

@@ -89,11 +89,11 @@ def run(out: str = "runs/quickstart", steps: int = 60, model: str = "smollm2") -
     """Generate the data, show the base model's answers, fine-tune, show the tuned answers."""
     import torch
 
-    from .run_config import load_run_config
-    from .generate import generate
-    from .io import load_adapter
-    from .models import load_model
-    from .train import train
+    from lorafit.train.config import load_run_config
+    from lorafit.infer.generate import generate
+    from lorafit.tuner.peft_format import load_adapter
+    from lorafit.models.loading import load_model
+    from lorafit.train.trainer import train
 
     started = time.perf_counter()
     out_dir = Path(out)

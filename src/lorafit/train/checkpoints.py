@@ -22,7 +22,7 @@ from torch import nn
 
 from safetensors.torch import load_model, save_model
 
-from .io import save_adapter
+from lorafit.tuner.peft_format import save_adapter
 
 FULL_WEIGHTS = "model.safetensors"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import active_adapters, lora_layers
-from .inject import adapter_configs, plain_modules, set_submodule
-from .layers import LoraLayer, TrainedCopy
+from lorafit.tuner.state import active_adapters, lora_layers
+from lorafit.tuner.inject import adapter_configs, plain_modules, set_submodule
+from lorafit.tuner.layer import LoraLayer, TrainedCopy
 
 
 class MergeError(RuntimeError):

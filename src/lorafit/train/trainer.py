@@ -23,20 +23,20 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import checkpoints as ckpt
-from .adapters import delete_adapter
-from .run_config import RunConfig
-from .data import (CausalLMCollator, ClassificationCollator, build_causal_lm_examples, batches,
+from lorafit.train import checkpoints as ckpt
+from lorafit.tuner.state import delete_adapter
+from lorafit.train.config import RunConfig
+from lorafit.data.batching import (CausalLMCollator, ClassificationCollator, build_causal_lm_examples, batches,
                    build_classification_examples, num_batches, pack_examples)
-from .records import load_split_records, read_records
-from .evaluate import evaluate_examples
-from .inject import inject, parameter_report
-from .kernels import patch_model
-from .io import load_adapter, save_adapter
-from .loss import causal_lm_loss
-from .models import load_model, load_tokenizer
-from .precision import autocast_context, resolve_precision
-from .report import MetricsLog, peak_memory_mb, write_loss_plot
+from lorafit.data.records import load_split_records, read_records
+from lorafit.infer.evaluate import evaluate_examples
+from lorafit.tuner.inject import inject, parameter_report
+from lorafit.ops.lean_blocks import patch_model
+from lorafit.tuner.peft_format import load_adapter, save_adapter
+from lorafit.ops.lm_loss import causal_lm_loss
+from lorafit.models.loading import load_model, load_tokenizer
+from lorafit.ops.precision import autocast_context, resolve_precision
+from lorafit.train.run_log import MetricsLog, peak_memory_mb, write_loss_plot
 
 ADAPTER = "default"
 

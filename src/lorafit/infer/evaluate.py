@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import batches
-from .loss import causal_lm_loss
-from .metrics import accuracy, macro_f1
-from .precision import autocast_context, resolve_precision
+from lorafit.data.batching import batches
+from lorafit.ops.lm_loss import causal_lm_loss
+from lorafit.tasks.metrics import accuracy, macro_f1
+from lorafit.ops.precision import autocast_context, resolve_precision
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def prompts_and_references(records: list[dict]) -> tuple[list[list[dict]], list[
     """Group records by prompt: (one message list per distinct prompt, all reference answers for it).
     Data-to-text sets (E2E) have several human references per input; each output is scored
     against all of them, as their official scripts do."""
-    from .records import detect_format
+    from lorafit.data.records import detect_format
 
     grouped: dict[str, tuple[list[dict], list[str]]] = {}
     for rec in records:
@@ -83,11 +83,11 @@ def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, gener
     import json
     from pathlib import Path
 
-    from .data import (CausalLMCollator, ClassificationCollator, build_causal_lm_examples,
+    from lorafit.data.batching import (CausalLMCollator, ClassificationCollator, build_causal_lm_examples,
                        build_classification_examples, with_system)
-    from .records import load_split_records, read_records
-    from .generate import generate as run_generation
-    from .generate import load_for_inference
+    from lorafit.data.records import load_split_records, read_records
+    from lorafit.infer.generate import generate as run_generation
+    from lorafit.infer.generate import load_for_inference
 
     adapter = adapter or str(Path(cfg.train.output_dir) / "adapter")
     use_adapter = adapter.lower() != "none"
@@ -118,7 +118,7 @@ def evaluate_run(cfg, adapter: str | None = None, data: str | None = None, gener
             metrics = evaluate_examples(model, examples, CausalLMCollator(tokenizer.pad_token_id), "causal-lm",
                                         cfg.train.batch_size, cfg.train.loss_chunk)
     if generate:
-        from .metrics import generation_scores
+        from lorafit.tasks.metrics import generation_scores
 
         prompts, refs = prompts_and_references(records)
         prompts = [with_system(p, cfg.data.system_prompt) for p in prompts]

@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import lora_layers, set_active
-from .config import LoraConfig
-from .inject import adapter_configs, inject, mark_trainable, plain_modules
-from .layers import LoraLayer, TrainedCopy, fan_dims, layer_kind
+from lorafit.tuner.state import lora_layers, set_active
+from lorafit.tuner.config import LoraConfig
+from lorafit.tuner.inject import adapter_configs, inject, mark_trainable, plain_modules
+from lorafit.tuner.layer import LoraLayer, TrainedCopy, fan_dims, layer_kind
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .inject import adapter_configs, mark_trainable, unwrap
-from .layers import LoraAdapter, LoraLayer, TrainedCopy
+from lorafit.tuner.config import LoraConfig
+from lorafit.tuner.inject import adapter_configs, mark_trainable, unwrap
+from lorafit.tuner.layer import LoraAdapter, LoraLayer, TrainedCopy
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -54,7 +54,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """Run the base model: no adapter applies inside this block (merged ones are unmerged first)."""
-    from .merge import merge, merged_adapters, unmerge  # merge.py builds on this module
+    from lorafit.tuner.merge import merge, merged_adapters, unmerge  # merge.py builds on this module
 
     was_merged = merged_adapters(model)
     if was_merged:

@@ -10,7 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from .run_config import SECTIONS, field_docs, load_run_config
+from lorafit.train.config import SECTIONS, field_docs, load_run_config
 
 
 def _config_reference() -> str:
@@ -23,7 +23,7 @@ def _config_reference() -> str:
                              (f.default_factory() if f.default_factory is not dataclasses.MISSING else None))
                     for f in dataclasses.fields(cls)}
         if section == "lora":
-            from .run_config import RUN_LORA_DEFAULTS
+            from lorafit.train.config import RUN_LORA_DEFAULTS
 
             defaults.update(RUN_LORA_DEFAULTS)
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
@@ -35,7 +35,7 @@ def _config_reference() -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from lorafit.train.trainer import train
 
     cfg = load_run_config(args.config, args.set or [])
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from lorafit.infer.evaluate import evaluate_run
 
     cfg = load_run_config(args.config, args.set or [])
     metrics = evaluate_run(cfg, adapter=args.adapter, data=args.data, generate=args.generate,
@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import chat, classify, generate, load_for_inference
+    from lorafit.infer.generate import chat, classify, generate, load_for_inference
 
     model, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype)
     if getattr(model.config, "id2label", None) and args.adapter and (Path(args.adapter) / "labels.json").exists():
@@ -82,8 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .generate import load_for_inference
-    from .merge import merge_and_unload
+    from lorafit.infer.generate import load_for_inference
+    from lorafit.tuner.merge import merge_and_unload
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -105,7 +105,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .io import describe_adapter
+    from lorafit.tuner.peft_format import describe_adapter
 
     info = describe_adapter(args.adapter)
     if args.json:
@@ -127,7 +127,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run
+    from lorafit.cli.quickstart import run
 
     run(args.out, args.steps, args.model)
     return 0

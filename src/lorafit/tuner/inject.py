@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import LoraConfig
-from .layers import LoraLayer, TrainedCopy, layer_kind
+from lorafit.tuner.config import LoraConfig
+from lorafit.tuner.layer import LoraLayer, TrainedCopy, layer_kind
 
 
 @dataclass
@@ -171,7 +171,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
             set_submodule(model, path, holder)
     configs[adapter_name] = config
     if activate:
-        from .adapters import set_active  # adapters.py builds on this module
+        from lorafit.tuner.state import set_active  # adapters.py builds on this module
         set_active(model, adapter_name)
     if trainable:
         mark_trainable(model, adapter_name)

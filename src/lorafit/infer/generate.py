@@ -10,9 +10,9 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .io import load_adapter, read_adapter
-from .merge import merge
-from .models import load_model
+from lorafit.tuner.peft_format import load_adapter, read_adapter
+from lorafit.tuner.merge import merge
+from lorafit.models.loading import load_model
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None, device: str = "auto",

@@ -11,7 +11,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import LoraConfig
+from lorafit.tuner.config import LoraConfig
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .records import check_fields, record_location, detect_format
+from lorafit.data.records import check_fields, record_location, detect_format
 
 IGNORE_INDEX = -100  # the label value torch.nn.functional.cross_entropy skips by default
 # Chat templates often end an assistant turn with a turn-end token rather than tokenizer.eos_token
