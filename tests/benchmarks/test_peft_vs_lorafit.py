@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peft_vs_lorafit.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "peft_vs_lorafit.py"
 
 
 def _bench():

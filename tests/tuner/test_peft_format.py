@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 from lorafit import AdapterFileError, LoraConfig, LoraLayer, inject, load_adapter, save_adapter
 
 

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from conftest import write_text
+from helpers import write_text
 from lorafit.data.records import detect_format, read_records, split_train_val
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import model_input, randomize_adapters, tiny_llama
+from helpers import model_input, randomize_adapters, tiny_llama
 from lorafit import LoraConfig, inject
 from lorafit.ops.lean_blocks import patch_model, rms_norm, swiglu
 from lorafit.ops.lm_loss import causal_lm_loss

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import conv_net, model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import conv_net, model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 from lorafit import LoraConfig, LoraLayer, MergeError, TrainedCopy, inject, merge, merge_and_unload, unmerge
 
 CASES = {

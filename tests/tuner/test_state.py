@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import model_input, outputs, randomize_adapters, tiny_llama
+from helpers import model_input, outputs, randomize_adapters, tiny_llama
 from lorafit import (LoraConfig, LoraLayer, add_weighted_adapter, active_adapters, adapter_names, delete_adapter,
                      disable_adapter, inject, merge, per_sample_adapters, set_active)
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import write_chat_data, write_tiny_chat_model, write_tiny_classifier_base
+from helpers import write_chat_data, write_tiny_chat_model, write_tiny_classifier_base
 from lorafit.train import checkpoints as ckpt
 from lorafit.train.config import load_run_config
 from lorafit.train.trainer import TrainingStopped, _optimizer, train

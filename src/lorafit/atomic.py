@@ -1,0 +1,134 @@
+"""The one way lorafit writes files and folders: build a temporary sibling, fsync, rename.
+
+A reader never sees a half-written file or folder, and a crash, a full disk or a read-only target
+leaves what was there before untouched: the old target is never deleted before the new one is
+complete. Folders are swapped with two renames (old -> hidden backup, new -> target), then the
+backup is removed.
+
+A failed write raises `WriteError` (an OSError) whose message names the path and the reason, so
+the command line can print it as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class WriteError(OSError):
+    """Writing `path` failed; nothing partial was left behind."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = path
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return str(exc) or type(exc).__name__
+
+
+def _temp_sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(target, _reason(exc)) from None
+
+
+def write_file(target: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Create or replace the file `target` with what `write(tmp_path)` writes."""
+    target = Path(target)
+    _make_parent(target)
+    tmp = _temp_sibling(target, "tmp")
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(target, _reason(exc)) from None
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def write_text(target: str | os.PathLike, text: str) -> Path:
+    return write_file(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json(target: str | os.PathLike, data: Any) -> Path:
+    return write_text(target, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_dir(target: str | os.PathLike, build: Callable[[Path], Any]) -> Path:
+    """Create or replace the folder `target` with what `build(tmp_folder)` puts in a fresh folder."""
+    target = Path(target)
+    _make_parent(target)
+    tmp = _temp_sibling(target, "tmp")
+    try:
+        tmp.mkdir()
+        build(tmp)
+        _fsync_tree(tmp)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(target, _reason(exc)) from None
+        raise
+    old = _temp_sibling(target, "old") if target.exists() else None
+    try:
+        if old is not None:
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except OSError as exc:
+        if old is not None and old.exists() and not target.exists():
+            os.rename(old, target)  # put the previous version back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(target, _reason(exc)) from None
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def remove_leftovers(folder: str | os.PathLike) -> None:
+    """Delete temporary siblings a killed process left in `folder` (never a finished target)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
