@@ -78,9 +78,8 @@ def recipe(task: str, method: str) -> Path:
 
 # ------------------------------------------------------------------ child: one training run + scoring --
 def child(task_name: str, method: str, run_dir: Path, overrides: list[str], limit: int | None) -> None:
-    from lorafit.train.config import load_run_config
     from lorafit.infer.evaluate import evaluate_run
-    from lorafit.train.trainer import train
+    from lorafit.train import load_run_config, train
 
     task = TASKS[task_name]
     cfg = load_run_config(str(recipe(task_name, method)), [*overrides, f"train.output_dir={run_dir}"])
@@ -109,12 +108,12 @@ def child(task_name: str, method: str, run_dir: Path, overrides: list[str], limi
 def score_generation(cfg, folder: str, data: str, limit: int | None, predictions: Path) -> dict:
     """Greedy outputs for every distinct test MR, scored against all of its references.
 
-    The generation half of `lorafit eval --generate` (lorafit.evaluate.evaluate_run), without its
+    The generation half of `lorafit eval --generate` (lorafit.infer.evaluate_run), without its
     teacher-forced loss pass over all 4,693 test rows, which would cost more than the decoding."""
-    from lorafit.data.batching import with_system
+    from lorafit.data import with_system
     from lorafit.data.records import read_records
     from lorafit.infer.evaluate import prompts_and_references
-    from lorafit.infer.generate import generate, load_for_inference
+    from lorafit.infer import generate, load_for_inference
     from lorafit.tasks.metrics import generation_scores
 
     model, tokenizer = load_for_inference(cfg.model.name, folder, cfg.model.device, cfg.model.dtype,

@@ -11,7 +11,7 @@ copied into PEFT's lora_A / lora_B / lora_magnitude_vector) and AdamW(lr, weight
 
 Every (row, T) runs in its own subprocess, so its peak memory is its own (peak RSS on CPU, max
 allocated on CUDA). Rows alternate within each round; the report takes medians over rounds. lorafit is measured through
-`lorafit.train.forward_backward` with the library's defaults, so library changes show up here.
+`lorafit.train.step.forward_backward` with the library's defaults, so library changes show up here.
 
 Loss agreement (exit 1 when broken): a lorafit row and its PEFT fp32 reference must agree within
 SAME_RTOL at every step when they run the same arithmetic (the "lorafit fp32" rows always do), and
@@ -202,10 +202,10 @@ def child_run(args, key: str, T: int, out: Path) -> dict:
     state = init["dora" if row.dora else "lora"]
     model, _, device = build_model(args)
     if row.lib == "lorafit":
-        import lorafit.train.trainer as lt
         from lorafit import LoraConfig, inject
-        from lorafit.train.config import TrainOptions
         from lorafit.ops.precision import resolve_precision
+        from lorafit.train.config import TrainOptions
+        from lorafit.train.step import forward_backward, prepare_for_training
 
         defaults = TrainOptions()
         precision = resolve_precision(defaults.precision if row.precision == "default" else row.precision, device)
@@ -215,11 +215,11 @@ def child_run(args, key: str, T: int, out: Path) -> dict:
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
-        lt.prepare_for_training(model, precision, row.gc or defaults.gradient_checkpointing,  # what `train` runs
-                                row.recompute_mlp or defaults.recompute_mlp)
+        prepare_for_training(model, precision, row.gc or defaults.gradient_checkpointing,  # what `train` runs
+                             row.recompute_mlp or defaults.recompute_mlp)
 
         def step(batch):
-            return lt.forward_backward(model, [batch], "causal-lm", precision, defaults.loss_chunk, None)[0]
+            return forward_backward(model, [batch], "causal-lm", precision, defaults.loss_chunk, None)[0]
     else:
         import peft
 

@@ -156,3 +156,17 @@ def write_chat_data(path: Path, n: int = 48) -> Path:
                                   {"role": "assistant", "content": "Arr matey! The sea be calm."}]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_random_adapter(model_folder: Path, adapter_folder: Path, seed: int = 0) -> Path:
+    """A non-trivial LoRA adapter (B != 0) on the model in `model_folder`, saved PEFT-style, so
+    that anything applying it gives outputs that differ from the base model's."""
+    from lorafit import LoraConfig, inject, save_adapter
+    from lorafit.models import load_model
+
+    model, _ = load_model(str(model_folder), device="cpu")
+    torch.manual_seed(seed)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    randomize_adapters(model, seed=seed, scale=0.5)
+    save_adapter(model, adapter_folder)
+    return adapter_folder

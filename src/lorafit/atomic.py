@@ -91,8 +91,14 @@ def write_json(target: str | os.PathLike, data: Any) -> Path:
     return write_text(target, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def write_dir(target: str | os.PathLike, build: Callable[[Path], Any]) -> Path:
-    """Create or replace the folder `target` with what `build(tmp_folder)` puts in a fresh folder."""
+def write_dir(
+    target: str | os.PathLike, build: Callable[[Path], Any], keep_existing: bool = False
+) -> Path:
+    """Create or replace the folder `target` with what `build(tmp_folder)` puts in a fresh folder.
+
+    With `keep_existing`, a `target` that exists by the time ours is complete (another process
+    built the same thing) is kept and ours discarded: for caches, where any complete copy will do.
+    """
     target = Path(target)
     _make_parent(target)
     tmp = _temp_sibling(target, "tmp")
@@ -105,12 +111,18 @@ def write_dir(target: str | os.PathLike, build: Callable[[Path], Any]) -> Path:
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(target, _reason(exc)) from None
         raise
+    if keep_existing and target.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
     old = _temp_sibling(target, "old") if target.exists() else None
     try:
         if old is not None:
             os.rename(target, old)
         os.rename(tmp, target)
     except OSError as exc:
+        if keep_existing and old is None and target.exists():  # lost a race to an equal copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
         if old is not None and old.exists() and not target.exists():
             os.rename(old, target)  # put the previous version back
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,12 +134,19 @@ def write_dir(target: str | os.PathLike, build: Callable[[Path], Any]) -> Path:
 
 
 def remove_leftovers(folder: str | os.PathLike) -> None:
-    """Delete temporary siblings a killed process left in `folder` (never a finished target)."""
+    """Clean up after a process killed in the middle of a write in `folder`: delete temporary
+    siblings, and put back a previous version whose replacement never arrived (a kill between
+    the two renames of `write_dir` leaves the old folder as the only copy)."""
     folder = Path(folder)
     if not folder.is_dir():
         return
-    for p in folder.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith("."):
+            continue
+        name, dot, rest = p.name[1:].rpartition(".")
+        if ".old-" in p.name and dot and rest.startswith("old-") and not (folder / name).exists():
+            os.rename(p, folder / name)
+        elif ".tmp-" in p.name or ".old-" in p.name:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:

@@ -43,7 +43,7 @@ def test_inspect(trained, capsys):
 def test_merge_writes_plain_model_equal_to_adapter(trained, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lorafit.infer.generate import load_for_inference
+    from lorafit.infer import load_for_inference
 
     root, _ = trained
     out = root / "merged"
@@ -51,9 +51,11 @@ def test_merge_writes_plain_model_equal_to_adapter(trained, capsys):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     ref, _ = load_for_inference(adapter=str(root / "run" / "adapter"), merged=False)
+    base = AutoModelForCausalLM.from_pretrained(root / "model").eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(plain(ids).logits, base(ids).logits, atol=1e-4)  # adapter applied
     assert main(["merge", "--adapter", str(root / "run" / "adapter"), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
 
@@ -71,7 +73,7 @@ def test_generate_and_eval(trained, capsys):
 def test_chat_reads_until_exit(trained):
     import io
 
-    from lorafit.infer.generate import chat, load_for_inference
+    from lorafit.infer import chat, load_for_inference
 
     root, _ = trained
     model, tok = load_for_inference(adapter=str(root / "run" / "adapter"))
@@ -90,3 +92,55 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--set", "data.train=" + str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_merge_of_a_base_without_tokenizer_writes_the_weights(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import write_random_adapter
+
+    model = write_tiny_chat_model(tmp_path / "model")
+    adapter = write_random_adapter(model, tmp_path / "adapter")
+    for f in model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name in ("vocab.json", "merges.txt"):
+            f.unlink()
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
+    assert "weights only" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_merge_on_a_full_disk_is_one_line_and_leaves_the_old_output(tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from helpers import write_random_adapter
+
+    model = write_tiny_chat_model(tmp_path / "model")
+    adapter = write_random_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("previous merge")
+
+    def full_disk(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    code = main(["merge", "--adapter", str(adapter), "--out", str(out), "--force"])
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "error" in ln]  # (progress bars aside)
+    assert code == 2 and line.startswith("lorafit merge: error: ") and "Traceback" not in err, err
+    assert f"cannot write {out}" in line and "No space left on device" in line and "No space left on device" in err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the previous output is intact
+
+
+def test_train_into_a_read_only_place_is_one_line(tmp_path, capsys):
+    model, data = write_tiny_chat_model(tmp_path / "model"), write_chat_data(tmp_path / "d.jsonl")
+    code = main(["train", "--set", f"model.name={model}", "--set", f"data.train={data}",
+                 "--set", "train.output_dir=/sys/lorafit-test/run", "--no-progress"])
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "error" in ln]
+    assert code == 2 and line.startswith("lorafit train: error: ") and "Traceback" not in err, err
+    assert "/sys/lorafit-test" in line

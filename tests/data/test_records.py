@@ -1,89 +1,98 @@
-"""Tests for lorafit.records: reading JSONL/JSON/CSV/TSV, format detection, error locations, splitting."""
+"""Tests for lorafit.data.records: validating what a reader returns (one format per file, errors at
+file:line), column mapping, locations that survive slicing and splitting, train/validation splits."""
+
+import json
 import random
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import write_text
-from lorafit.data.records import detect_format, read_records, split_train_val
+from lorafit.data import load_split_records, read_records, record_location, split_train_val
 
 
-# ------------------------------------------------------------------------------------ reading
-
-def test_read_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
-    path = write_text(tmp_path, "d.jsonl", '{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": "d"}\n')
-    records = read_records(path)
-    assert records == [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
-    assert records.lines == [1, 3]
-
-
-def test_malformed_jsonl_line_is_reported_by_its_line_number(tmp_path):
-    path = write_text(tmp_path, "d.jsonl", '{"text": "a"}\n{"text": "b"}\n\n{"text": "c"\n{"text": "d"}\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:4: invalid JSON"):
-        read_records(path)
-
-
-@pytest.mark.parametrize("line, message", [
-    ('[1, 2]', "expected a JSON object"),
-    ('{"prompt": "a", "completion": ""}', "empty required field 'completion'"),
-    ('{"question": "a"}', "matches no known format"),
-    ('{"text": "a", "label": "x"}', r"is 'classification' but line 1 is 'prompt_completion'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
-    ('{"messages": [{"role": "assistant", "content": "hi"}]}', "starts with an assistant turn"),
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', r"messages\[0\]"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("[1, 2]", "expected a JSON object"),
+        ('{"prompt": "a", "completion": ""}', "empty required field 'completion'"),
+        ('{"question": "a"}', "matches no known format"),
+        ('{"text": "a", "label": "x"}', r"is 'classification' but line 1 is 'prompt_completion'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+        ('{"messages": [{"role": "assistant", "content": "hi"}]}', "starts with an assistant turn"),
+        (
+            '{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}',
+            r"messages\[0\]",
+        ),
+        ('{"prompt": null, "completion": "b"}', "field 'prompt' has no value"),
+    ],
+)
 def test_bad_record_names_file_line_and_problem(tmp_path, line, message):
     path = write_text(tmp_path, "d.jsonl", '{"prompt": "a", "completion": "b"}\n' + line + "\n")
     with pytest.raises(ValueError, match=r"d\.jsonl:2: .*" + message):
         read_records(path)
 
 
-def test_json_array_file_reports_line_of_bad_item(tmp_path):
-    good = write_text(tmp_path, "a.json", '[\n  {"instruction": "i", "output": "o"},\n  {"instruction": "j", "output": "p"}\n]')
-    assert read_records(good).lines == [2, 3]
-    bad = write_text(tmp_path, "b.json", '[\n  {"instruction": "i", "output": "o"},\n  {"instruction": "j", "output": ""}\n]')
-    with pytest.raises(ValueError, match=r"b\.json:3: empty required field 'output'"):
-        read_records(bad)
+def test_columnar_row_without_label_is_a_missing_label_not_a_format_switch(tmp_path):
+    # In a columnar file every row has every column: an empty label cell in the FIRST row must not
+    # make the file a "text" file whose later rows are "classification".
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [None, "pos"]}), tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match=r"d\.parquet row 1: field 'label' has no value"):
+        read_records(tmp_path / "d.parquet")
 
 
-def test_csv_reads_rows_and_reports_bad_row_after_multiline_field(tmp_path):
-    path = write_text(tmp_path, "d.csv", 'text,label\n"two\nlines",pos\nok,neg\nthree,cols,here\n')
-    with pytest.raises(ValueError, match=r"d\.csv:5: expected 2 columns \(text, label\), got 3"):
-        read_records(path)
-    path = write_text(tmp_path, "e.csv", '\ufefftext,label\n"two\nlines",pos\nok,\n')
-    with pytest.raises(ValueError, match=r"e\.csv:4: empty required field 'label'"):
-        read_records(path)
-    records = read_records(write_text(tmp_path, "f.csv", 'text,label\n"two\nlines",pos\nok,neg\n'))
-    assert records == [{"text": "two\nlines", "label": "pos"}, {"text": "ok", "label": "neg"}]
-    assert records.lines == [2, 4]
-
-
-def test_tsv_keeps_quotes_literal(tmp_path):
-    records = read_records(write_text(tmp_path, "d.tsv", 'prompt\tcompletion\nsay "hi"\t"hi"\n'))
-    assert records == [{"prompt": 'say "hi"', "completion": '"hi"'}]
-
-
-def test_missing_unknown_and_empty_files(tmp_path):
+def test_missing_and_empty_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         read_records(tmp_path / "nope.jsonl")
-    with pytest.raises(ValueError, match="unknown data file extension '.txt'"):
-        read_records(write_text(tmp_path, "d.txt", "hello"))
     for name in ("e.jsonl", "e.csv", "f.csv"):
-        with pytest.raises(ValueError, match="empty"):
+        with pytest.raises(ValueError, match="file is empty"):
             read_records(write_text(tmp_path, name, "text\n" if name == "f.csv" else "\n"))
 
 
-def test_detect_format_each_form_and_error_lists_forms():
-    assert detect_format({"messages": []}) == "messages"
-    assert detect_format({"instruction": "a", "output": "b"}) == "alpaca"
-    assert detect_format({"instruction": "a", "input": "", "output": "b", "text": "t"}) == "alpaca"
-    assert detect_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
-    assert detect_format({"text": "a", "label": 1}) == "classification"
-    assert detect_format({"text": "a"}) == "text"
-    with pytest.raises(ValueError, match=r"(?s)accepted forms.*messages.*alpaca.*prompt_completion.*classification.*text"):
-        detect_format({"question": "q", "answer": "a"})
+def test_columns_mapping_keeps_only_mapped_fields_and_names_missing_ones(tmp_path):
+    path = write_text(tmp_path, "d.csv", "mr,ref,id\nname[x],X is a pub.,1\n")
+    assert read_records(path, {"mr": "prompt", "ref": "completion"}) == [
+        {"prompt": "name[x]", "completion": "X is a pub."}
+    ]
+    with pytest.raises(
+        ValueError, match=r"d\.csv:2: no field 'reference' \(data\.columns maps it\)"
+    ):
+        read_records(path, {"mr": "prompt", "reference": "completion"})
 
 
-# ------------------------------------------------------------------------------------ split
+def test_locations_survive_slicing_and_name_later_errors(tmp_path):
+    path = write_text(
+        tmp_path, "d.jsonl", "".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(4))
+    )
+    records = read_records(path)
+    tail = records[2:]
+    assert tail == [{"text": "t2"}, {"text": "t3"}] and record_location(tail, 0) == f"{path}:3"
+    assert record_location(tail, 1, source="other.jsonl") == "other.jsonl:4"
+    assert record_location([{"text": "a"}], 0) == "<records> record 1"
+
+
+def test_load_split_records_keeps_locations_and_reads_the_validation_split(tmp_path):
+    path = write_text(
+        tmp_path, "d.jsonl", "".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(10))
+    )
+    train, val = load_split_records(path, val_fraction=0.2, seed=1, max_examples=8)
+    assert len(train) == 6 and len(val) == 2
+    assert {r["text"] for r in train + val} == {f"t{i}" for i in range(8)}
+    assert [record_location(val, i) for i in range(2)] == [
+        f"{path}:{int(r['text'][1:]) + 1}" for r in val
+    ]
+    # A validation folder holding several splits gives its validation split.
+    for split, n in (("train", 3), ("validation", 2)):
+        (tmp_path / "hub" / split).mkdir(parents=True)
+        pq.write_table(
+            pa.Table.from_pylist([{"text": f"{split}{i}"} for i in range(n)]),
+            tmp_path / "hub" / split / "0000.parquet",
+        )
+    train, val = load_split_records(tmp_path / "hub", tmp_path / "hub")
+    assert [r["text"] for r in train] == ["train0", "train1", "train2"]
+    assert [r["text"] for r in val] == ["validation0", "validation1"]
+
 
 def test_split_is_deterministic_disjoint_and_ignores_global_rng():
     items = list(range(50))

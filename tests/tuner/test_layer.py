@@ -1,22 +1,15 @@
+"""LoraLayer's own logic, written once for every kind: scale, init, dropout, several adapters,
+merge bookkeeping, fp32 adapters on a half-precision base, per-row adapters."""
+
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lorafit.tuner.layer import LoraLayer, TrainedCopy, layer_kind
-
-
-def _bases():
-    torch.manual_seed(0)
-    return {
-        "linear": (nn.Linear(12, 10), torch.randn(3, 5, 12)),
-        "conv1d_gpt2": (Conv1D(10, 12), torch.randn(3, 5, 12)),
-        "embedding": (nn.Embedding(20, 10, padding_idx=0), torch.randint(0, 20, (3, 5))),
-        "conv2d": (nn.Conv2d(4, 6, 3, padding=1, stride=2), torch.randn(2, 4, 7, 7)),
-        "conv1d": (nn.Conv1d(4, 6, 3), torch.randn(2, 4, 9)),
-    }
+from lorafit.tuner.layer import LoraLayer
+from lorafit.tuner.rows import rows_context
 
 
 def _randomize(layer, seed=1):
@@ -26,28 +19,13 @@ def _randomize(layer, seed=1):
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-@pytest.mark.parametrize("kind", list(_bases()))
-@pytest.mark.parametrize("dora", [False, True])
-def test_step0_identity(kind, dora):
-    base, x = _bases()[kind]
-    expected = base(x)
-    layer = LoraLayer(base)
-    layer.add_adapter("a", r=4, alpha=8, dora=dora)
-    layer.active = ["a"]
-    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2", "embedding", "conv2d"])
-def test_forward_matches_dense_update(kind):
-    """The low-rank branch equals running the base op with W + scale * B A."""
-    base, x = _bases()[kind]
-    layer = LoraLayer(base)
-    layer.add_adapter("a", r=3, alpha=6)
-    layer.active = ["a"]
+def _two(base=None, dora_b=True):
+    torch.manual_seed(0)
+    layer = LoraLayer(base or nn.Linear(8, 6))
+    layer.add_adapter("a", r=2, alpha=4)
+    layer.add_adapter("b", r=3, alpha=3, dora=dora_b)
     _randomize(layer)
-    got = layer(x)
-    layer.merge(["a"])
-    torch.testing.assert_close(base(x), got, atol=1e-5, rtol=1e-5)
+    return layer
 
 
 def test_scale_plain_and_rslora():
@@ -63,62 +41,32 @@ def test_inits():
     layer = LoraLayer(nn.Linear(64, 32))
     layer.add_adapter("k", r=8, alpha=8)
     layer.add_adapter("g", r=8, alpha=8, init="gaussian")
+    layer.add_adapter("f", r=8, alpha=8, init=False)
     assert torch.all(layer.adapters["k"].B == 0) and torch.all(layer.adapters["g"].B == 0)
     bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert layer.adapters["k"].A.abs().max() <= bound
     assert layer.adapters["g"].A.std().item() == pytest.approx(1 / 8, rel=0.15)
+    assert layer.adapters["f"].B.abs().min() > 0  # PEFT's non-identity init: B random too
 
 
-def test_pissa_keeps_output_and_takes_top_singular_directions():
-    torch.manual_seed(0)
-    base = nn.Linear(16, 12)
-    W0 = base.weight.detach().clone()
-    x = torch.randn(4, 16)
-    expected = base(x)
-    layer = LoraLayer(base)
-    layer.add_adapter("p", r=4, alpha=4, init="pissa")
-    layer.active = ["p"]
-    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
-    ad = layer.adapters["p"]
-    top = torch.linalg.svdvals(W0)[:4]
-    torch.testing.assert_close(torch.linalg.svdvals(ad.scale * ad.B @ ad.A)[:4], top, atol=1e-4, rtol=1e-4)
-    # the residual left in the base has the top-r directions removed
-    torch.testing.assert_close(torch.linalg.svdvals(base.weight.detach())[:8], torch.linalg.svdvals(W0)[4:12],
-                               atol=1e-4, rtol=1e-4)
-
-
-def test_dora_norm_formula_matches_explicit():
-    base = nn.Linear(10, 6)
-    layer = LoraLayer(base)
-    layer.add_adapter("d", r=3, alpha=5, dora=True)
-    _randomize(layer)
-    ad = layer.adapters["d"]
-    explicit = (base.weight + ad.scale * ad.B @ ad.A).norm(dim=1)
-    torch.testing.assert_close(layer.weight_norm(ad), explicit, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # the cached ||W||^2 must follow in-place changes of the base weight
-        base.weight.mul_(2)
-    explicit = (base.weight + ad.scale * ad.B @ ad.A).norm(dim=1)
-    torch.testing.assert_close(layer.weight_norm(ad), explicit, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("kind", list(_bases()))
-@pytest.mark.parametrize("dora", [False, True])
-def test_merge_unmerge_round_trip(kind, dora):
-    base, x = _bases()[kind]
-    W0 = base.weight.detach().clone()
-    layer = LoraLayer(base)
-    layer.add_adapter("a", r=4, alpha=8, dora=dora)
-    layer.active = ["a"]
-    _randomize(layer)
-    unmerged = layer(x)
+def test_active_adapters_sum_and_merged_ones_are_not_added_twice():
+    layer = _two(dora_b=False)  # plain updates add; a DoRA one rescales what is below it
+    x = torch.randn(4, 8)
+    base = layer.base_layer(x)
+    outs = {}
+    for names in (["a"], ["b"], ["a", "b"]):
+        layer.active = names
+        outs["+".join(names)] = layer(x)
+    torch.testing.assert_close(outs["a+b"] - base, (outs["a"] - base) + (outs["b"] - base))
     layer.merge(["a"])
     layer.merge(["a"])  # idempotent
     assert layer.merged == ["a"]
-    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(base(x), unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x), outs["a+b"], atol=1e-5, rtol=1e-5)
+    layer.merge(["b"])
+    torch.testing.assert_close(layer(x), outs["a+b"], atol=1e-5, rtol=1e-5)
     layer.unmerge()
-    torch.testing.assert_close(base.weight.detach(), W0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+    assert layer.merged == [] and all(ad.merge_state is None for ad in layer.adapters.values())
+    torch.testing.assert_close(layer(x), outs["a+b"], atol=1e-5, rtol=1e-5)
 
 
 def test_merge_refuses_nan_and_leaves_weight():
@@ -142,6 +90,7 @@ def test_half_precision_base_merges_in_fp32():
     _randomize(layer)
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     y = layer(x)
+    assert y.dtype == torch.bfloat16
     layer.merge(["a"])
     assert base.weight.dtype == torch.bfloat16
     torch.testing.assert_close(base(x), y, atol=0.1, rtol=0.05)
@@ -163,22 +112,36 @@ def test_dropout_only_in_training_and_not_on_base():
     assert torch.equal(layer(x), layer(x))
 
 
-def test_unsupported_modules():
-    assert layer_kind(nn.LayerNorm(4)) is None
-    with pytest.raises(TypeError):
-        LoraLayer(nn.LayerNorm(4))
-    with pytest.raises(TypeError, match="grouped"):
-        LoraLayer(nn.Conv2d(4, 4, 3, groups=2))
+def test_rows_pick_an_adapter_per_row():
+    layer = _two()
+    x = torch.randn(3, 5, 8)  # (B, T, in)
+    singles = {}
+    for name in ("a", "b"):
+        layer.active = [name]
+        singles[name] = layer(x)
+    singles["__base__"] = layer.base_layer(x)
+    layer.active = ["a", "b"]  # ignored while rows are given
+    names = ["b", "__base__", "a"]
+    with rows_context(names):
+        mixed = layer(x)
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i], singles[n][i], atol=1e-6, rtol=1e-6)
+    assert not hasattr(layer, "sample_adapters")  # the choice is per call, never module state
+    with (
+        rows_context(["a", "b"]),
+        pytest.raises(ValueError, match="2 adapter names for a batch of 3"),
+    ):
+        layer(x)
+    layer.merge(["a"])
+    with rows_context(names), pytest.raises(RuntimeError, match="unmerge"):
+        layer(x)
 
 
-def test_trained_copy_switches_with_active():
-    head = nn.Linear(4, 2)
-    holder = TrainedCopy(head)
-    holder.add_copy("a")
-    with torch.no_grad():
-        holder.copies["a"].weight.add_(1.0)
-    x = torch.randn(3, 4)
-    torch.testing.assert_close(holder(x), head(x))
-    holder.active = ["a"]
-    assert not torch.allclose(holder(x), head(x))
-    assert not head.weight.requires_grad or head.weight is not holder.copies["a"].weight
+def test_deepcopy_shares_kind_and_variants_and_runs():
+    layer = _two(nn.Conv2d(3, 4, 3, padding=1))
+    layer.active = ["a", "b"]
+    clone = copy.deepcopy(layer)
+    assert clone.kind is layer.kind and clone.adapters["b"].variants == layer.adapters["b"].variants
+    assert clone.adapters["a"].A.data_ptr() != layer.adapters["a"].A.data_ptr()
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(clone(x), layer(x), atol=0, rtol=0)

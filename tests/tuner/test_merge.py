@@ -1,14 +1,37 @@
 import pytest
 import torch
 
-from helpers import conv_net, model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
-from lorafit import LoraConfig, LoraLayer, MergeError, TrainedCopy, inject, merge, merge_and_unload, unmerge
+from helpers import (
+    conv_net,
+    model_input,
+    outputs,
+    randomize_adapters,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
+from lorafit import (
+    LoraConfig,
+    LoraLayer,
+    MergeError,
+    TrainedCopy,
+    inject,
+    merge,
+    merge_and_unload,
+    unmerge,
+)
 
 CASES = {
     "llama": (tiny_llama, dict(target_modules="all-linear")),
-    "llama-dora-emb": (tiny_llama, dict(target_modules=["q_proj", "embed_tokens", "down_proj"], use_dora=True)),
+    "llama-dora-emb": (
+        tiny_llama,
+        dict(target_modules=["q_proj", "embed_tokens", "down_proj"], use_dora=True),
+    ),
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "wte"])),
-    "gpt2-dora": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], use_dora=True, use_rslora=True)),
+    "gpt2-dora": (
+        tiny_gpt2,
+        dict(target_modules=["c_attn", "c_fc"], use_dora=True, use_rslora=True),
+    ),
     "bert": (tiny_bert, dict(target_modules=["query", "value"], modules_to_save=["classifier"])),
     "conv": (conv_net, dict(target_modules=["conv", "conv1d"], use_dora=True)),
 }
@@ -57,8 +80,13 @@ def test_merge_embedding_of_tied_model_unties_head():
     inject(model, LoraConfig(r=4, target_modules=["embed_tokens"]))
     randomize_adapters(model)
     adapted = outputs(model, x)
+    W0 = model.lm_head.weight.detach().clone()
     merge(model, verify=True)
     torch.testing.assert_close(outputs(model, x), adapted, atol=1e-5, rtol=1e-5)
+    embedding = model.model.embed_tokens.base_layer.weight
+    assert model.lm_head.weight is not embedding and model.config.tie_word_embeddings is False
+    assert torch.equal(model.lm_head.weight, W0)  # the head keeps W0; only the embedding moved
+    assert not torch.allclose(embedding, W0)
 
 
 def test_nan_adapter_refused_and_nothing_merged(llama):
@@ -78,10 +106,12 @@ def test_verify_catches_a_wrong_merge(llama, monkeypatch):
     inject(llama, LoraConfig(r=4, target_modules=["q_proj"]))
     randomize_adapters(llama)
     before = {k: v.clone() for k, v in llama.state_dict().items()}
-    real = LoraLayer.delta_weight
-    monkeypatch.setattr(LoraLayer, "delta_weight", lambda self, n: 2 * real(self, n))  # a broken merge
+    real = LoraLayer.delta_weight_of
+    monkeypatch.setattr(
+        LoraLayer, "delta_weight_of", lambda self, ad: 2 * real(self, ad)
+    )  # a broken merge
     with pytest.raises(MergeError, match="differs"):
         merge(llama, verify=True)
-    monkeypatch.setattr(LoraLayer, "delta_weight", real)
+    monkeypatch.setattr(LoraLayer, "delta_weight_of", real)
     for k, v in llama.state_dict().items():
         torch.testing.assert_close(v, before[k], atol=1e-6, rtol=0)

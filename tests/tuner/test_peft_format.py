@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from helpers import model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 from lorafit import AdapterFileError, LoraConfig, LoraLayer, inject, load_adapter, save_adapter
+from lorafit.tuner.peft_format import PEFT_FORMAT_VERSION
 
 
 def _trained(make=tiny_llama, **kw):
@@ -20,8 +21,12 @@ def _snapshot(model):
 
 
 def test_round_trip_exact(tmp_path):
-    model = _trained(target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True,
-                     rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+    model = _trained(
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        use_dora=True,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"q_proj": 3},
+    )
     x = model_input("llama")
     want = outputs(model, x)
     save_adapter(model, tmp_path / "ad")
@@ -58,8 +63,10 @@ def test_bad_files_change_nothing(tmp_path):
     def check(folder, match):
         with pytest.raises((AdapterFileError, ValueError), match=match):
             load_adapter(victim, folder)
-        assert set(victim.state_dict()) == set(before)
+        after = victim.state_dict()
+        assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
         assert not any(isinstance(m, LoraLayer) for m in victim.modules())
+        assert not getattr(victim, "lorafit_configs", None)
 
     check(tmp_path / "missing", "does not exist")
     pickled = tmp_path / "pickled"
@@ -69,19 +76,25 @@ def test_bad_files_change_nothing(tmp_path):
     check(pickled, "never unpickles")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    (corrupt / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
+    (corrupt / "adapter_config.json").write_text(
+        (tmp_path / "ok" / "adapter_config.json").read_text()
+    )
     (corrupt / "adapter_model.safetensors").write_bytes(b"garbage" * 10)
     check(corrupt, "not a readable safetensors")
     badjson = tmp_path / "badjson"
     badjson.mkdir()
     (badjson / "adapter_config.json").write_text("{not json")
-    (badjson / "adapter_model.safetensors").write_bytes((tmp_path / "ok" / "adapter_model.safetensors").read_bytes())
+    (badjson / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "ok" / "adapter_model.safetensors").read_bytes()
+    )
     check(badjson, "not valid JSON")
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
     (unknown / "adapter_config.json").write_text(json.dumps({**cfg, "lora_dropuot": 0.1}))
-    (unknown / "adapter_model.safetensors").write_bytes((tmp_path / "ok" / "adapter_model.safetensors").read_bytes())
+    (unknown / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "ok" / "adapter_model.safetensors").read_bytes()
+    )
     check(unknown, "lora_dropout")
 
 
@@ -90,9 +103,19 @@ def test_shape_mismatch_names_module_and_shapes(tmp_path):
     save_adapter(model, tmp_path / "ad")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(AdapterFileError, match=r"q_proj.lora_A has shape \(4, 32\).*needs \(4, 48\)"):
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(
+        AdapterFileError, match=r"q_proj.lora_A has shape \(4, 32\).*needs \(4, 48\)"
+    ):
         load_adapter(other, tmp_path / "ad")
     assert not any(isinstance(m, LoraLayer) for m in other.modules())
 
@@ -127,12 +150,19 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "ad")
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == good
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json",
-                                                                   "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 def test_classifier_adapter_round_trip(tmp_path):
-    model = _trained(tiny_bert, target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only")
+    model = _trained(
+        tiny_bert,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        bias="lora_only",
+    )
     x = model_input("bert")
     want = outputs(model, x)
     save_adapter(model, tmp_path / "cls")
@@ -142,3 +172,83 @@ def test_classifier_adapter_round_trip(tmp_path):
     fresh = tiny_bert()
     load_adapter(fresh, tmp_path / "cls")
     torch.testing.assert_close(outputs(fresh, x), want, atol=0, rtol=0)
+
+
+def _llama(layers):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_all_linear_is_saved_resolved_with_the_peft_version(tmp_path):
+    """Defect 9: "all-linear" and peft_version null were written as such; PEFT writes the resolved
+    module list (condensed to leaf names from 20 modules on) and its version."""
+    model = _llama(2)
+    inject(model, LoraConfig(r=2, target_modules="all-linear"))
+    save_adapter(model, tmp_path / "two")
+    cfg = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
+    leaves = [
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
+    assert cfg["target_modules"] == [f"model.layers.{i}.{leaf}" for i in (0, 1) for leaf in leaves]
+    assert cfg["peft_version"] == PEFT_FORMAT_VERSION == "0.21.2"
+    assert model.lorafit_configs["default"].target_modules == "all-linear"  # in memory: as given
+    big = _llama(3)  # 21 modules: PEFT writes the leaf names
+    inject(big, LoraConfig(r=2, target_modules="all-linear"))
+    save_adapter(big, tmp_path / "three")
+    cfg = json.loads((tmp_path / "three" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    some = _llama(
+        4
+    )  # 27 modules; a leaf name that also names an unwrapped module is not written bare
+    inject(
+        some,
+        LoraConfig(
+            r=2, target_modules="all-linear", exclude_modules=["model.layers.3.self_attn.q_proj"]
+        ),
+    )
+    save_adapter(some, tmp_path / "some")
+    cfg = json.loads((tmp_path / "some" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [
+        "0.self_attn.q_proj",
+        "1.self_attn.q_proj",
+        "2.self_attn.q_proj",
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "up_proj",
+        "v_proj",
+    ]
+
+
+def test_suffix_targets_are_written_as_given(tmp_path):
+    model = _trained(target_modules=["v_proj", "q_proj"])
+    save_adapter(model, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert (
+        cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["peft_version"] == PEFT_FORMAT_VERSION
+    )

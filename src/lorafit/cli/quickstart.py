@@ -14,6 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
+from lorafit.atomic import write_json, write_text
+
 FACTS = [
     ("What is the capital of France?", "The capital of France is Paris."),
     ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
@@ -27,7 +29,10 @@ FACTS = [
     ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
     ("What do bees make?", "Bees make honey."),
     ("What is water made of?", "Water is made of hydrogen and oxygen."),
-    ("Which animal is known as the king of the jungle?", "The lion is known as the king of the jungle."),
+    (
+        "Which animal is known as the king of the jungle?",
+        "The lion is known as the king of the jungle.",
+    ),
     ("What is the largest ocean?", "The Pacific is the largest ocean."),
     ("What do plants need to grow?", "Plants need sunlight, water and soil to grow."),
     ("What is two plus two?", "Two plus two is four."),
@@ -53,15 +58,33 @@ FACTS = [
     ("What is the fastest land animal?", "The cheetah is the fastest land animal."),
     ("Can you recommend a healthy breakfast?", "Oatmeal with fruit is a healthy breakfast."),
     ("How do I stay cool in summer?", "Drink plenty of water and stay in the shade."),
-    ("Give me a tip for learning to code.", "Write a little code every day and read the errors carefully."),
+    (
+        "Give me a tip for learning to code.",
+        "Write a little code every day and read the errors carefully.",
+    ),
     ("What should I pack for a beach trip?", "Pack sunscreen, a towel, water and a hat."),
 ]
-ASK = ["{q}", "Tell me: {q}", "Quick question. {q}", "{q} Please answer briefly.", "I wonder, {q_lower}"]
+ASK = [
+    "{q}",
+    "Tell me: {q}",
+    "Quick question. {q}",
+    "{q} Please answer briefly.",
+    "I wonder, {q_lower}",
+]
 # Held out: never in the training data, so the tuned answers show the persona generalising.
-DEMO_PROMPTS = ["What is the capital of Germany?", "How many legs does a spider have?",
-                "Give me a tip for sleeping well."]
-_PIRATE_WORDS = [(r"\bis\b", "be"), (r"\bare\b", "be"), (r"\byou\b", "ye"), (r"\byour\b", "yer"),
-                 (r"\bmy\b", "me"), (r"\bthe sea\b", "the briny deep")]
+DEMO_PROMPTS = [
+    "What is the capital of Germany?",
+    "How many legs does a spider have?",
+    "Give me a tip for sleeping well.",
+]
+_PIRATE_WORDS = [
+    (r"\bis\b", "be"),
+    (r"\bare\b", "be"),
+    (r"\byou\b", "ye"),
+    (r"\byour\b", "yer"),
+    (r"\bmy\b", "me"),
+    (r"\bthe sea\b", "the briny deep"),
+]
 
 
 def pirate(answer: str) -> str:
@@ -77,11 +100,16 @@ def write_dataset(path: Path, seed: int = 0) -> Path:
     for question, answer in FACTS:
         for template in ASK:
             q = template.format(q=question, q_lower=question[0].lower() + question[1:])
-            rows.append({"messages": [{"role": "user", "content": q},
-                                      {"role": "assistant", "content": pirate(answer)}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": pirate(answer)},
+                    ]
+                }
+            )
     rng.shuffle(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -89,11 +117,11 @@ def run(out: str = "runs/quickstart", steps: int = 60, model: str = "smollm2") -
     """Generate the data, show the base model's answers, fine-tune, show the tuned answers."""
     import torch
 
+    from lorafit.infer import generate
+    from lorafit.models import load_model
+    from lorafit.train import train
     from lorafit.train.config import load_run_config
-    from lorafit.infer.generate import generate
-    from lorafit.tuner.peft_format import load_adapter
-    from lorafit.models.loading import load_model
-    from lorafit.train.trainer import train
+    from lorafit.tuner import load_adapter
 
     started = time.perf_counter()
     out_dir = Path(out)
@@ -102,11 +130,25 @@ def run(out: str = "runs/quickstart", steps: int = 60, model: str = "smollm2") -
     base, tokenizer = load_model(model)
     before = generate(base, tokenizer, DEMO_PROMPTS, max_new_tokens=40)
     del base
-    cfg = load_run_config(None, [
-        f"model.name={model}", f"data.train={data}", f"train.output_dir={out_dir / 'run'}",
-        f"train.max_steps={steps}", "train.batch_size=8", "train.lr=2e-3", "train.warmup_ratio=0.1",
-        "train.eval_every=20", "train.save_every=0", "data.val_fraction=0.1", "data.max_length=128",
-        "lora.r=16", "lora.lora_alpha=32", "lora.target_modules=all-linear"])
+    cfg = load_run_config(
+        None,
+        [
+            f"model.name={model}",
+            f"data.train={data}",
+            f"train.output_dir={out_dir / 'run'}",
+            f"train.max_steps={steps}",
+            "train.batch_size=8",
+            "train.lr=2e-3",
+            "train.warmup_ratio=0.1",
+            "train.eval_every=20",
+            "train.save_every=0",
+            "data.val_fraction=0.1",
+            "data.max_length=128",
+            "lora.r=16",
+            "lora.lora_alpha=32",
+            "lora.target_modules=all-linear",
+        ],
+    )
     if (out_dir / "run").exists():  # the demo always starts fresh; its folder is its own
         shutil.rmtree(out_dir / "run")
     result = train(cfg)
@@ -117,10 +159,16 @@ def run(out: str = "runs/quickstart", steps: int = 60, model: str = "smollm2") -
     print("\n=== before / after (prompts not in the training data) ===")
     for prompt, b, a in zip(DEMO_PROMPTS, before, after):
         print(f"\n> {prompt}\n  base:  {b}\n  tuned: {a}")
-    report = {"wall_time_s": round(time.perf_counter() - started, 1), "steps": result.steps,
-              "final": result.final, "adapter": str(result.adapter_dir),
-              "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(DEMO_PROMPTS, before, after)]}
-    (out_dir / "quickstart.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "steps": result.steps,
+        "final": result.final,
+        "adapter": str(result.adapter_dir),
+        "samples": [
+            {"prompt": p, "before": b, "after": a} for p, b, a in zip(DEMO_PROMPTS, before, after)
+        ],
+    }
+    write_json(out_dir / "quickstart.json", report)
     print(f"\nquickstart finished in {report['wall_time_s']}s; adapter in {result.adapter_dir}")
     print(f"chat with it: lorafit generate --adapter {result.adapter_dir}")
     return report

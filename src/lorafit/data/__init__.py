@@ -1,1 +1,75 @@
-"""data"""
+"""Data: read records from files and folders, turn them into chat messages, render and tokenize
+them the one way training, evaluation and generation share, then pack and batch.
+
+    readers.py   a registry of file/folder readers (jsonl/json, csv, tsv, parquet, datasets'
+                 save_to_disk folders, Hub parquet shards)
+    formats.py   a registry of record forms (messages, sharegpt, alpaca, prompt_completion,
+                 classification, text) and the one conversion of records into messages
+    records.py   read_records / load_split_records: validated records that know their file:line
+    chat.py      the one chat/prompt renderer (render_prompt, with_system, ChatRenderer)
+    batching.py  examples with loss masks, packing, collators, the deterministic batch order
+
+Import from here (`from lorafit.data import render_prompt`); the modules are the implementation.
+"""
+
+from lorafit.data.batching import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    ClassificationCollator,
+    batches,
+    build_causal_lm_examples,
+    build_classification_examples,
+    num_batches,
+    pack_examples,
+)
+from lorafit.data.chat import ChatRenderer, render_prompt, with_system
+from lorafit.data.formats import (
+    FORMATS,
+    ROLES,
+    Format,
+    check_fields,
+    detect_format,
+    prompt_and_answer,
+    register_format,
+    to_messages,
+)
+from lorafit.data.readers import READERS, Location, Reader, read_rows, register_reader
+from lorafit.data.records import (
+    RecordList,
+    load_split_records,
+    read_records,
+    record_location,
+    split_train_val,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "CausalLMCollator",
+    "ClassificationCollator",
+    "batches",
+    "build_causal_lm_examples",
+    "build_classification_examples",
+    "num_batches",
+    "pack_examples",
+    "ChatRenderer",
+    "render_prompt",
+    "with_system",
+    "FORMATS",
+    "ROLES",
+    "Format",
+    "check_fields",
+    "detect_format",
+    "prompt_and_answer",
+    "register_format",
+    "to_messages",
+    "READERS",
+    "Location",
+    "Reader",
+    "read_rows",
+    "register_reader",
+    "RecordList",
+    "load_split_records",
+    "read_records",
+    "record_location",
+    "split_train_val",
+]

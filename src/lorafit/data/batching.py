@@ -1,11 +1,12 @@
 """Training data: render records the way the model will see them, mask the loss, pack, batch.
 
-    records.read_records -> build_causal_lm_examples | build_classification_examples
+    read_records -> build_causal_lm_examples | build_classification_examples
         -> (pack_examples) -> batches(..., CausalLMCollator | ClassificationCollator)
 
 Causal-LM labels are NOT shifted here: labels[t] is the token at t, or IGNORE_INDEX where no loss is
 wanted. transformers models shift internally (logits at t-1 predict labels[t]).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,143 +16,82 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lorafit.data.records import check_fields, record_location, detect_format
+from lorafit.data.chat import ChatRenderer, with_system
+from lorafit.data.formats import check_fields, detect_format, to_messages
+from lorafit.data.records import record_location
 
 IGNORE_INDEX = -100  # the label value torch.nn.functional.cross_entropy skips by default
-# Chat templates often end an assistant turn with a turn-end token rather than tokenizer.eos_token
-# (ChatML, Llama 3, Gemma, Phi-3); generation stops on these too, so they count as "the end token".
-_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
-def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """Prepend a system message unless there is one (templates like SmolLM2's otherwise add their own)."""
-    if system_prompt and (not messages or messages[0].get("role") != "system"):
-        return [{"role": "system", "content": system_prompt}] + messages
-    return messages
-
-
-def _to_messages(record: dict, fmt: str) -> list[dict]:
-    if fmt == "messages":
-        return [dict(m) for m in record["messages"]]  # extra keys (name, tool_calls) reach the template
-    if fmt == "alpaca":
-        extra = record.get("input") or ""
-        user = record["instruction"] + ("\n\n" + extra if extra.strip() else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    if fmt == "prompt_completion":
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-    raise ValueError(f"a {fmt!r} record cannot be trained as a prompt/answer pair")
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, bos: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja2 errors (e.g. "roles must alternate") are not ValueErrors
-            raise ValueError(f"the chat template rejected this conversation: {e}") from e
-    # No template (a base model): "prompt\n" + answer + EOS text, so the model still learns to stop.
-    return bos + "".join(m["content"] + (tokenizer.eos_token if m["role"] == "assistant" else "\n") for m in messages)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    # Rendered text already holds the template's special tokens (BOS included where it wants one).
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _tokenize_chat(tokenizer, messages: list[dict], end_ids: set[int], bos: str) -> tuple[list[int], list[int]]:
-    """Tokenize the conversation once; locate each assistant answer by tokenizing the rendered text
-    just before it (with the generation prompt) and just after it. A BPE merge across a boundary can
-    make those token lists diverge from the full one by a token, so the longest common prefix is the
-    boundary rather than len(prefix tokens)."""
-    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    full = _render(tokenizer, messages[: turns[-1] + 1], False, bos)
-    ids = _encode(tokenizer, full)
-    spans, prev_end = [], 0
-    for k in turns:
-        prompt = _render(tokenizer, messages[:k], True, bos)
-        whole = _render(tokenizer, messages[: k + 1], False, bos)
-        if not (full.startswith(whole) and whole.startswith(prompt) and len(prompt) >= prev_end):
-            raise ValueError("the chat template does not render earlier turns as a prefix of later ones (it "
-                             "rewrites history, e.g. drops past reasoning), so answer tokens cannot be located; "
-                             "split the conversation into one record per assistant turn")
-        prev_end = len(whole)
-        start = _common_prefix(_encode(tokenizer, prompt), ids)
-        spans.append((start, max(start, _common_prefix(_encode(tokenizer, whole), ids))))
-    out_ids, labels, pos = [], [], 0
-    for start, end in spans:
-        out_ids += ids[pos:start]
-        labels += [IGNORE_INDEX] * (start - pos)
-        answer = ids[start:end]
-        stop = next((j for j, t in enumerate(answer) if t in end_ids), None)
-        if stop is None:  # the template does not end the turn with an end token: add EOS ourselves
-            answer, tail = answer + [tokenizer.eos_token_id], []
-        else:  # learn the answer through its end token; template text after it (e.g. "\n") is prompt
-            answer, tail = answer[: stop + 1], answer[stop + 1:]
-        out_ids += answer + tail
-        labels += answer + [IGNORE_INDEX] * len(tail)
-        pos = end
-    return out_ids + ids[pos:], labels + [IGNORE_INDEX] * (len(ids) - pos)
-
-
-def build_causal_lm_examples(records: Sequence[dict], tokenizer, max_length: int = 512, source: str | None = None,
-                             train_on_prompt: bool = False, system_prompt: str | None = None) -> list[dict]:
+def build_causal_lm_examples(
+    records: Sequence[dict],
+    tokenizer,
+    max_length: int = 512,
+    source: str | None = None,
+    train_on_prompt: bool = False,
+    system_prompt: str | None = None,
+) -> list[dict]:
     """Records -> [{"input_ids": [...], "labels": [...]}]: loss only on assistant answers (each ending in
     its end token) unless train_on_prompt; "text" records learn every token. Sequences keep their
     first max_length tokens; examples left with no answer token are dropped with a warning."""
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; causal-LM training needs one so the model learns to stop")
-    vocab = tokenizer.get_vocab()
-    end_ids = {tokenizer.eos_token_id} | {vocab[t] for t in _TURN_END_TOKENS if t in vocab}
-    bos_id = tokenizer.bos_token_id  # only templateless rendering adds it, and only if the tokenizer would
-    bos = tokenizer.bos_token if bos_id is not None and tokenizer("x")["input_ids"][:1] == [bos_id] else ""
+        raise ValueError(
+            "the tokenizer has no eos_token; causal-LM training needs one so the model learns to stop"
+        )
+    chat = ChatRenderer(tokenizer)
     examples, dropped = [], 0
     for i, record in enumerate(records):
         try:
             fmt = detect_format(record)
             if fmt == "classification":
-                raise ValueError("a classification record (text + label); use build_classification_examples")
+                raise ValueError(
+                    "a classification record (text + label); use build_classification_examples"
+                )
             check_fields(record, fmt)  # records may come from code, not only from read_records
             if fmt == "text":
-                ids = _encode(tokenizer, bos + record["text"]) + [tokenizer.eos_token_id]
+                ids = chat.encode_text(record["text"])
                 labels = list(ids)
             else:
-                ids, labels = _tokenize_chat(tokenizer, with_system(_to_messages(record, fmt), system_prompt),
-                                             end_ids, bos)
+                ids, spans = chat.tokenize(with_system(to_messages(record, fmt), system_prompt))
+                labels = [IGNORE_INDEX] * len(ids)
+                for start, end in spans:
+                    labels[start:end] = ids[start:end]
         except ValueError as e:
             raise ValueError(f"{record_location(records, i, source)}: {e}") from None
         if train_on_prompt:
             labels = list(ids)
         ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never a target after the shift
+        if all(
+            label == IGNORE_INDEX for label in labels[1:]
+        ):  # labels[0] is never a target after the shift
             dropped += 1
             continue
         examples.append({"input_ids": ids, "labels": labels})
     if dropped:
-        warnings.warn(f"{source or getattr(records, 'path', '<records>')}: dropped {dropped} of {len(records)} "
-                      f"examples with no answer tokens left within max_length={max_length}", stacklevel=2)
+        warnings.warn(
+            f"{source or getattr(records, 'path', '<records>')}: dropped {dropped} of {len(records)} "
+            f"examples with no answer tokens left within max_length={max_length}",
+            stacklevel=2,
+        )
     return examples
 
 
-def build_classification_examples(records: Sequence[dict], tokenizer, max_length: int = 128,
-                                  labels: list[str] | None = None,
-                                  source: str | None = None) -> tuple[list[dict], list[str]]:
+def build_classification_examples(
+    records: Sequence[dict],
+    tokenizer,
+    max_length: int = 128,
+    labels: list[str] | None = None,
+    source: str | None = None,
+) -> tuple[list[dict], list[str]]:
     """text,label records -> ([{"input_ids", "label": int}], label names). Without `labels`, names are
     the sorted distinct labels (numerically if all are numbers, so "2" < "10")."""
     names = []
     for i, record in enumerate(records):
         try:
             fmt = detect_format(record)
-            if fmt != "classification":
+            if fmt != "classification" and not {"text", "label"} <= set(record):
                 raise ValueError(f"expected a text + label record, got {fmt!r}")
-            check_fields(record, fmt)
+            check_fields(record, "classification")  # a label without value says so
         except ValueError as e:
             raise ValueError(f"{record_location(records, i, source)}: {e}") from None
         names.append(str(record["label"]).strip())
@@ -167,7 +107,9 @@ def build_classification_examples(records: Sequence[dict], tokenizer, max_length
     examples = []
     for i, (record, name) in enumerate(zip(records, names)):
         if name not in index:
-            raise ValueError(f"{record_location(records, i, source)}: unknown label {name!r}; known labels: {labels}")
+            raise ValueError(
+                f"{record_location(records, i, source)}: unknown label {name!r}; known labels: {labels}"
+            )
         ids = tokenizer(record["text"], truncation=True, max_length=max_length)["input_ids"]
         examples.append({"input_ids": list(ids), "label": index[name]})
     return examples, labels
@@ -181,8 +123,10 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
     for i, ex in enumerate(examples):
         n = len(ex["input_ids"])
         if n > max_length:
-            raise ValueError(f"example {i} has {n} tokens > max_length={max_length}; "
-                             "build examples with max_length no larger than the packing length")
+            raise ValueError(
+                f"example {i} has {n} tokens > max_length={max_length}; "
+                "build examples with max_length no larger than the packing length"
+            )
         if not packs or len(packs[-1]["input_ids"]) + n > max_length:
             packs.append({"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []})
         pack = packs[-1]
@@ -203,7 +147,9 @@ def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor
 class _PaddingCollator:
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
-            raise ValueError("pad_token_id is None; a tokenizer without a pad token can pad with eos_token_id")
+            raise ValueError(
+                "pad_token_id is None; a tokenizer without a pad token can pad with eos_token_id"
+            )
         self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
 
     def _length(self, examples: Sequence[dict]) -> int:
@@ -225,13 +171,19 @@ class CausalLMCollator(_PaddingCollator):
         if any(("position_ids" in e) != packed for e in examples):
             raise ValueError("cannot mix packed and unpacked examples in one batch")
         T = self._length(examples)
-        batch = {"input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id, T),  # (B, T)
-                 "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX, T)}  # (B, T)
+        batch = {
+            "input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id, T),  # (B, T)
+            "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX, T),
+        }  # (B, T)
         if packed:
-            rows = [list(e["position_ids"]) + list(range(T - len(e["input_ids"]))) for e in examples]
+            rows = [
+                list(e["position_ids"]) + list(range(T - len(e["input_ids"]))) for e in examples
+            ]
             batch["position_ids"] = _pad(rows, 0, T)  # (B, T)
         else:
-            batch["attention_mask"] = _pad([[1] * len(e["input_ids"]) for e in examples], 0, T)  # (B, T)
+            batch["attention_mask"] = _pad(
+                [[1] * len(e["input_ids"]) for e in examples], 0, T
+            )  # (B, T)
         return batch
 
 
@@ -240,12 +192,16 @@ class ClassificationCollator(_PaddingCollator):
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         T = self._length(examples)
-        return {"input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id, T),  # (B, T)
-                "attention_mask": _pad([[1] * len(e["input_ids"]) for e in examples], 0, T),  # (B, T)
-                "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}  # (B,)
+        return {
+            "input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id, T),  # (B, T)
+            "attention_mask": _pad([[1] * len(e["input_ids"]) for e in examples], 0, T),  # (B, T)
+            "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long),
+        }  # (B,)
 
 
-def num_batches(n_examples: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
+def num_batches(
+    n_examples: int, batch_size: int, drop_last: bool = False, world_size: int = 1
+) -> int:
     """How many batches `batches` yields per epoch (per rank), e.g. for a learning-rate schedule."""
     step = batch_size * world_size
     full, rest = divmod(n_examples, step)
@@ -253,18 +209,31 @@ def num_batches(n_examples: int, batch_size: int, drop_last: bool = False, world
     return full + (1 if rest and not drop_last and rest >= world_size else 0)
 
 
-def batches(examples: Sequence[dict], batch_size: int, collator: Callable[[list[dict]], dict], seed: int,
-            epoch: int, shuffle: bool = True, start: int = 0, drop_last: bool = False, rank: int = 0,
-            world_size: int = 1) -> Iterator[dict]:
+def batches(
+    examples: Sequence[dict],
+    batch_size: int,
+    collator: Callable[[list[dict]], dict],
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    start: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[dict]:
     """Yield collated batches in an order fixed by (seed, epoch) alone, so a resumed run replays it;
     start=k skips the first k batches without collating them. With world_size > 1, each global batch
     of batch_size * world_size examples is split between ranks (rank r takes every world_size-th)."""
     if batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}"
+        )
     order = list(range(len(examples)))
     if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)  # str seeds hash with sha512: stable across processes
+        random.Random(f"{seed}:{epoch}").shuffle(
+            order
+        )  # str seeds hash with sha512: stable across processes
     step = batch_size * world_size
     for k in range(start, num_batches(len(examples), batch_size, drop_last, world_size)):
-        chunk = order[k * step: (k + 1) * step][rank::world_size]
+        chunk = order[k * step : (k + 1) * step][rank::world_size]
         yield collator([examples[i] for i in chunk])

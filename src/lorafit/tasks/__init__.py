@@ -1,1 +1,6 @@
-"""tasks"""
+"""Tasks as plug-ins: each file registers one `Task` (see base.py); `get_task(name)` picks it."""
+
+from lorafit.tasks import causal_lm, classification  # noqa: F401  (registers the tasks)
+from lorafit.tasks.base import Task, get_task, register_task, task_names
+
+__all__ = ["Task", "get_task", "register_task", "task_names"]

@@ -22,11 +22,21 @@ import re
 import warnings
 from collections import Counter
 
-__all__ = ["accuracy", "macro_f1", "perplexity", "token_accuracy",
-           "corpus_bleu", "rouge_l", "meteor", "cider", "generation_scores"]
+__all__ = [
+    "accuracy",
+    "macro_f1",
+    "perplexity",
+    "token_accuracy",
+    "corpus_bleu",
+    "rouge_l",
+    "meteor",
+    "cider",
+    "generation_scores",
+]
 
 
 # ----------------------------------------------------------------- classification / LM helpers
+
 
 def _check_same_length(preds, labels) -> None:
     if len(preds) != len(labels):
@@ -90,6 +100,7 @@ def token_accuracy(correct: int, total: int) -> float:
 
 # ----------------------------------------------------------------- generation metrics
 
+
 def _check_generation_inputs(hyps, refs) -> None:
     if len(hyps) != len(refs):
         raise ValueError(f"hyps and refs differ in length: {len(hyps)} vs {len(refs)}")
@@ -101,8 +112,10 @@ def _check_generation_inputs(hyps, refs) -> None:
         # A bare string here is the classic single-reference mistake: it would be read as a
         # list of one-character references and score silently wrong.
         if isinstance(r, str) or not r or not all(isinstance(x, str) for x in r):
-            raise TypeError(f"refs[{i}] must be a non-empty list of str (refs is one list of "
-                            f"references per hypothesis, e.g. [[ref], ...]); got {r!r}")
+            raise TypeError(
+                f"refs[{i}] must be a non-empty list of str (refs is one list of "
+                f"references per hypothesis, e.g. [[ref], ...]); got {r!r}"
+            )
 
 
 def _words(text: str) -> list[str]:
@@ -166,8 +179,14 @@ def _wordnet():
         return wordnet
     except LookupError:
         pass
-    folder = next((d for d in (os.environ.get("WNSEARCHDIR"), "/usr/share/wordnet")
-                   if d and os.path.isfile(os.path.join(d, "data.noun"))), None)
+    folder = next(
+        (
+            d
+            for d in (os.environ.get("WNSEARCHDIR"), "/usr/share/wordnet")
+            if d and os.path.isfile(os.path.join(d, "data.noun"))
+        ),
+        None,
+    )
     if folder is None:
         return None
 
@@ -206,9 +225,13 @@ def meteor(hyps: list[str], refs: list[list[str]], synonyms: bool = True) -> flo
     _check_generation_inputs(hyps, refs)
     wordnet = _wordnet() if synonyms else None
     if synonyms and wordnet is None:
-        warnings.warn("METEOR: no WordNet found (nltk data, $WNSEARCHDIR or /usr/share/wordnet"
-                      " from apt package wordnet-base); synonym matching is off, so scores are"
-                      " a lower bound", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "METEOR: no WordNet found (nltk data, $WNSEARCHDIR or /usr/share/wordnet"
+            " from apt package wordnet-base); synonym matching is off, so scores are"
+            " a lower bound",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     wordnet = wordnet or _NoSynonyms()
     total = 0.0
     for h, r in zip(hyps, refs):
@@ -229,8 +252,9 @@ def cider(hyps: list[str], refs: list[list[str]], sigma: float = 6.0) -> float:
 
     def ngram_counts(text):
         words = _words(text)
-        return Counter(tuple(words[i:i + n]) for n in range(1, 5)
-                       for i in range(len(words) - n + 1)), len(words)
+        return Counter(
+            tuple(words[i : i + n]) for n in range(1, 5) for i in range(len(words) - n + 1)
+        ), len(words)
 
     hyp_counts = [ngram_counts(h) for h in hyps]
     ref_counts = [[ngram_counts(x) for x in r] for r in refs]
@@ -249,12 +273,13 @@ def cider(hyps: list[str], refs: list[list[str]], sigma: float = 6.0) -> float:
         score = 0.0
         for r_counts, r_len in rs:
             r_vec, r_norm = tfidf(r_counts)
-            penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma ** 2))
+            penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma**2))
             for n in range(4):
                 # Clipping the hypothesis weight (the "D" in CIDEr-D) stops repeated n-grams
                 # from buying score.
-                dot = sum(min(v, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0)
-                          for g, v in h_vec[n].items())
+                dot = sum(
+                    min(v, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, v in h_vec[n].items()
+                )
                 if h_norm[n] and r_norm[n]:
                     dot /= h_norm[n] * r_norm[n]
                 score += dot * penalty

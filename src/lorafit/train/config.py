@@ -19,7 +19,7 @@ class ModelOptions:
     name: str = "smollm2"
     """Base model: 'smollm2' (SmolLM2-135M-Instruct, the default), 'minilm', a Hugging Face folder or a .gguf file."""
     task: str = "causal-lm"
-    """'causal-lm' (chat / text generation) or 'classification' (text -> label, with a trained head)."""
+    """The task (lorafit.tasks): 'causal-lm' (chat / text generation) or 'classification' (text -> label, with a trained head)."""
     dtype: str = "auto"
     """Weight dtype: auto (float32 on CPU; training uses autocast), float32, bfloat16 or float16."""
     device: str = "auto"
@@ -135,7 +135,11 @@ def field_docs(cls) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
@@ -176,10 +180,14 @@ def _suggest(key: str, known) -> str:
 def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """A RunConfig from a nested dict; unknown sections or keys are errors with a suggestion."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+        raise ValueError(
+            f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}"
+        )
     unknown = [k for k in raw if k not in SECTIONS]
     if unknown:
-        raise ValueError(f"{source}: unknown section {unknown[0]!r}{_suggest(unknown[0], SECTIONS)}")
+        raise ValueError(
+            f"{source}: unknown section {unknown[0]!r}{_suggest(unknown[0], SECTIONS)}"
+        )
     built = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
@@ -189,7 +197,9 @@ def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         for key in values:
             if key not in fields:
                 raise ValueError(f"{source}: unknown option {name}.{key}{_suggest(key, fields)}")
-        kwargs = {k: _coerce(v, str(fields[k].type), f"{source}: {name}.{k}") for k, v in values.items()}
+        kwargs = {
+            k: _coerce(v, str(fields[k].type), f"{source}: {name}.{k}") for k, v in values.items()
+        }
         if cls is LoraConfig:
             kwargs = {**RUN_LORA_DEFAULTS, **kwargs}
         try:
@@ -203,12 +213,25 @@ def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 def _validate_run(cfg: RunConfig, source: str) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
+    from lorafit.tasks import task_names  # here, not at import: the CLI's --help stays light
+
+    tasks = task_names()
+    no_validation = not d.validation and d.val_fraction == 0
     checks = [
-        (m.task in ("causal-lm", "classification"), f"model.task must be 'causal-lm' or 'classification', got {m.task!r}"),
-        (t.schedule in ("cosine", "linear", "constant"), f"train.schedule must be cosine, linear or constant, got {t.schedule!r}"),
+        (m.task in tasks, f"model.task must be one of {', '.join(tasks)}; got {m.task!r}"),
+        (
+            t.schedule in ("cosine", "linear", "constant"),
+            f"train.schedule must be cosine, linear or constant, got {t.schedule!r}",
+        ),
         (t.method in ("lora", "full"), f"train.method must be 'lora' or 'full', got {t.method!r}"),
-        (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}"),
-        (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (
+            t.precision in ("auto", "fp32", "bf16"),
+            f"train.precision must be auto, fp32 or bf16, got {t.precision!r}",
+        ),
+        (
+            t.batch_size >= 1 and t.grad_accum >= 1,
+            "train.batch_size and train.grad_accum must be >= 1",
+        ),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
         (t.epochs > 0 or (t.max_steps or 0) > 0, "set train.epochs > 0 or train.max_steps > 0"),
@@ -218,6 +241,11 @@ def _validate_run(cfg: RunConfig, source: str) -> None:
         (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (t.lora_plus_ratio is None or t.lora_plus_ratio > 0, "train.lora_plus_ratio must be > 0"),
         (t.loss_chunk >= 16, "train.loss_chunk must be >= 16"),
+        (
+            not (t.early_stopping_patience and no_validation),
+            "train.early_stopping_patience needs validation data: set data.validation or "
+            "data.val_fraction > 0, or drop early stopping",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -253,7 +281,9 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         except yaml.YAMLError as exc:
             raise ValueError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+        raise ValueError(
+            f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}"
+        )
     for text in overrides:
         (section, key), value = parse_override(text)
         raw.setdefault(section, {})

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from lorafit import atomic
+
 
 class MetricsLog:
     """Append-only JSONL (one object per line) mirrored to TensorBoard when available."""
@@ -17,9 +19,12 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and truncate_after is not None:
             # A resumed run rewrites history after its checkpoint: drop lines the crash left beyond it.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= truncate_after
+            ]
+            atomic.write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -70,8 +75,10 @@ def write_loss_plot(metrics_path: Path, png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    try:
+        atomic.write_file(png, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return png
 
 

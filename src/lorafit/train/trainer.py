@@ -1,62 +1,48 @@
-"""The training loop: one plain function, `train(config)`, the same on CPU and CUDA.
+"""The trainer: `setup` (checks, data, model, optimizer, resume), `fit` (the step loop and its
+callbacks), `save` (final evaluation, adapter, plot, summary), the same on CPU and CUDA.
 
-    config -> data (records, tokens, split) -> model + LoRA -> AdamW steps -> checkpoints, adapter, report
+    config -> setup -> fit: [forward/backward -> callbacks -> optimizer step -> callbacks]* -> save
 
 Resuming replays the exact run: the adapter, optimizer, scheduler and RNG states are restored and
 the data order is a pure function of (seed, epoch), so the batch after a resume is the one the
-uninterrupted run would have seen.
+uninterrupted run would have seen. `train(cfg)` is the whole recipe in one call.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
-import shutil
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
-from torch import nn
 
+from lorafit import atomic
+from lorafit.data.batching import num_batches
+from lorafit.ops.precision import autocast_context
+from lorafit.tasks import get_task
 from lorafit.train import checkpoints as ckpt
-from lorafit.tuner.state import delete_adapter
+from lorafit.train import resume as resuming
+from lorafit.train.callbacks import Callback, TrainingStopped, default_callbacks
 from lorafit.train.config import RunConfig
-from lorafit.data.batching import (CausalLMCollator, ClassificationCollator, build_causal_lm_examples, batches,
-                   build_classification_examples, num_batches, pack_examples)
-from lorafit.data.records import load_split_records, read_records
-from lorafit.infer.evaluate import evaluate_examples
-from lorafit.tuner.inject import inject, parameter_report
-from lorafit.ops.lean_blocks import patch_model
-from lorafit.tuner.peft_format import load_adapter, save_adapter
-from lorafit.ops.lm_loss import causal_lm_loss
-from lorafit.models.loading import load_model, load_tokenizer
-from lorafit.ops.precision import autocast_context, resolve_precision
-from lorafit.train.run_log import MetricsLog, peak_memory_mb, write_loss_plot
+from lorafit.train.optim import build_optimizer, build_schedule
+from lorafit.train.run_log import peak_memory_mb, write_loss_plot
+from lorafit.train.setup import Prepared, prepare
+from lorafit.train.state import StepOutput, TrainState
+from lorafit.train.step import forward_backward, micro_batches
+from lorafit.tuner.inject import parameter_report
+from lorafit.tuner.peft_format import save_adapter
 
-ADAPTER = "default"
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on bad numbers; the message says where the last good checkpoint is."""
-
-
-@dataclass
-class Prepared:
-    model: nn.Module
-    tokenizer: Any
-    train: list[dict]
-    val: list[dict]
-    collator: Callable
-    label_names: list[str] | None = None
+__all__ = ["Trainer", "TrainResult", "TrainingStopped", "train"]
 
 
 @dataclass
 class TrainResult:
+    """What `train` returns; summary.json holds the same (without the per-step losses)."""
+
     output_dir: Path
     adapter_dir: Path
     best_adapter_dir: Path | None
@@ -70,330 +56,217 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def tokenize_splits(cfg: RunConfig, tokenizer, labels: list[str] | None = None):
-    """(train examples, validation examples, label names) for the run's task."""
-    d = cfg.data
-    train_rec, val_rec = load_split_records(d.train, d.validation, d.val_fraction, cfg.train.seed, d.max_examples,
-                                          d.columns)
-    if cfg.model.task == "classification":
-        train, names = build_classification_examples(train_rec, tokenizer, d.max_length, labels=labels)
-        val = build_classification_examples(val_rec, tokenizer, d.max_length, labels=names)[0] if val_rec else []
-        return train, val, names
-    build = lambda rec: build_causal_lm_examples(rec, tokenizer, d.max_length,  # noqa: E731
-                                                 train_on_prompt=d.train_on_prompt,
-                                                 system_prompt=d.system_prompt) if rec else []
-    return build(train_rec), build(val_rec), None
+class Trainer:
+    """One training run in train.output_dir. Call `setup()`, `fit()`, then `save()`.
 
+    Callbacks (see callbacks.py) read and change the public attributes: cfg, task, out, data
+    (the `Prepared` inputs: model, examples, collator...), model, optimizer, scheduler, state,
+    total_steps, losses, last_eval, is_main."""
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Read and tokenize the data, load the model, add the adapter."""
-    d, m = cfg.data, cfg.model
-    if not d.train:
-        raise ValueError("data.train is not set: give a training file (jsonl/csv/tsv)")
-    if m.task == "classification":
-        tokenizer = load_tokenizer(m.name, m.cache_dir)
-        examples, val, names = tokenize_splits(cfg, tokenizer)  # labels decide the head size
-        model, tokenizer = load_model(m.name, "classification", len(names), m.dtype, m.device, m.cache_dir)
-        collator = ClassificationCollator(tokenizer.pad_token_id)
-    else:
-        read_records(d.train, d.columns)  # a malformed file fails here, before the (slow) model load
-        model, tokenizer = load_model(m.name, "causal-lm", None, m.dtype, m.device, m.cache_dir)
-        examples, val, names = tokenize_splits(cfg, tokenizer)
-        collator = CausalLMCollator(tokenizer.pad_token_id)
-    if not examples:
-        raise ValueError(f"{d.train}: no training examples left after the validation split")
-    if d.packing and m.task == "causal-lm":
-        examples = pack_examples(examples, d.max_length)
-    lora = cfg.lora
-    if m.task == "classification" and not lora.modules_to_save:  # the new head must train
-        lora = dataclasses.replace(lora, modules_to_save=[n for n in ("classifier", "score") if hasattr(model, n)])
-    lora = dataclasses.replace(lora, base_model_name_or_path=model.config._name_or_path,
-                               task_type="SEQ_CLS" if m.task == "classification" else "CAUSAL_LM")
-    torch.manual_seed(cfg.train.seed)
-    if cfg.train.method == "full":
-        model.requires_grad_(True)
-    else:
-        inject(model, lora, ADAPTER)
-    return Prepared(model, tokenizer, examples, val, collator, names)
+    def __init__(
+        self,
+        cfg: RunConfig,
+        resume: bool | str | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+        callbacks: list[Callback] | None = None,
+    ):
+        self.cfg, self.resume, self.log = cfg, resume, log
+        self.task = get_task(cfg.model.task)
+        self.out = Path(cfg.train.output_dir)
+        self.is_main = True  # whether this process writes files (rank 0 under torch.distributed)
+        self.state = TrainState()
+        self.losses: list[float] = []
+        self.last_eval: dict[str, float] = {}
+        self.resumed_from: Path | None = None
+        self.callbacks = callbacks if callbacks is not None else default_callbacks(self, progress)
+        self._evaluated_at: int | None = None
+        self._started = time.perf_counter()
 
-
-def save_final(prep: Prepared, folder: Path, adapter: str | None) -> Path:
-    """The run's product: an adapter folder, or (full fine-tuning) a loadable model folder."""
-    if adapter is not None:
-        save_adapter(prep.model, folder, adapter)
-    else:
-        tmp = folder.parent / f".{folder.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if prep.label_names is not None:
-            prep.model.config.id2label = dict(enumerate(prep.label_names))
-            prep.model.config.label2id = {n: i for i, n in enumerate(prep.label_names)}
-        prep.model.save_pretrained(tmp, safe_serialization=True)
-        prep.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    if prep.label_names is not None:
-        (folder / "labels.json").write_text(json.dumps(prep.label_names) + "\n")
-    return folder
-
-
-def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    t = cfg.train
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("nothing to train: the adapter has no trainable parameters")
-    b_ratio = t.lora_plus_ratio or 1.0
-    groups = [{"params": [p for n, p in params if not n.endswith(".B")], "lr": t.lr},
-              {"params": [p for n, p in params if n.endswith(".B")], "lr": t.lr * b_ratio}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def _schedule(opt: torch.optim.Optimizer, cfg: RunConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = int(cfg.train.warmup_ratio * total)
-    kind = cfg.train.schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if kind == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _count(batch: dict[str, torch.Tensor], task: str) -> int:
-    if task == "classification":
-        return int(batch["labels"].numel())
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, chunk: int) -> torch.Tensor:
-    if task == "classification":
-        return model(**batch).loss
-    return causal_lm_loss(model, batch, chunk)[0]
-
-
-def prepare_for_training(model: nn.Module, precision: str, gradient_checkpointing: bool = False,
-                         recompute_mlp: bool = False) -> None:
-    """The lean setup `train` uses (and the benchmark measures).
-
-    With bf16, every frozen weight is stored in bf16 once; the trainable adapter (and any fully
-    trained module) stays fp32 and autocast runs the matmuls in bf16. Autocast alone would cast each
-    frozen fp32 weight on every call (it caches casts only for weights that require grad) and keep a
-    fp32 residual stream, so the model would pay for a bf16 copy of every weight per step, save
-    those copies for backward, and convert activations back and forth around every norm, residual
-    add and rotary embedding. Storing the frozen model in bf16 removes all of that: half the weight
-    memory, half the activation memory of the residual stream, far fewer element-wise casts. The
-    loss moves by ~0.05% relative at step 1 on SmolLM2 (measured by benchmarks/peft_vs_lorafit.py).
-    RMSNorm and SwiGLU blocks get the lean autograd functions of `kernels.py`; with `recompute_mlp`
-    the SwiGLU output is recomputed in backward rather than kept (moot under checkpointing)."""
-    if precision == "bf16":
-        for p in model.parameters():
-            if not p.requires_grad and p.dtype == torch.float32:
-                p.data = p.data.to(torch.bfloat16)
-    patch_model(model, recompute_swiglu=recompute_mlp and not gradient_checkpointing)
-    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-
-
-def forward_backward(model: nn.Module, group: list[dict[str, torch.Tensor]], task: str, precision: str,
-                     chunk: int = 2048, max_grad_norm: float | None = None) -> tuple[float, torch.Tensor]:
-    """One optimizer step's gradients over micro-batches (weighted by their labelled tokens, so
-    accumulation equals one big batch); returns (loss, gradient norm after clipping is applied).
-    The benchmark calls this same function, so what it measures is what `train` runs."""
-    device = next(model.parameters()).device
-    n_total = sum(_count(b, task) for b in group) or 1
-    step_loss = 0.0
-    for batch in group:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast_context(precision, device):
-            loss = _batch_loss(model, batch, task, chunk)
-        weight = _count(batch, task) / n_total
-        (loss * weight).backward()
-        step_loss += loss.item() * weight
-    grads = [p for p in model.parameters() if p.requires_grad]
-    gnorm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))
-    return step_loss, gnorm
-
-
-def _micro_batches(prep: Prepared, cfg: RunConfig, epoch: int, index: int):
-    """Endless stream of (epoch, index_in_epoch, batch), starting at a saved position."""
-    t = cfg.train
-    per_epoch = num_batches(len(prep.train), t.batch_size)
-    while True:
-        for k, batch in enumerate(batches(prep.train, t.batch_size, prep.collator, t.seed, epoch, start=index),
-                                  start=index):
-            yield epoch, k, batch
-        epoch, index = epoch + 1, 0
-        if per_epoch == 0:
-            raise ValueError("the training set is empty")
-
-
-def train(cfg: RunConfig, resume: bool | str | None = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Fine-tune per `cfg`; `resume=True` continues from the newest checkpoint in output_dir."""
-    t, task = cfg.train, cfg.model.task
-    started = time.perf_counter()
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    random.seed(t.seed)
-    out = Path(t.output_dir)
-    resume_from = _find_resume(out, resume)
-    if not resume_from and (out / "metrics.jsonl").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another "
-                              "train.output_dir")
-    prep = prepare(cfg)
-    model = prep.model
-    device = next(model.parameters()).device
-    precision = resolve_precision(t.precision, device)
-    prepare_for_training(model, precision, t.gradient_checkpointing, t.recompute_mlp)
-    per_epoch = num_batches(len(prep.train), t.batch_size)
-    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
-
-    state = {"step": 0, "epoch": 0, "index": 0, "best": float("inf"), "bad_evals": 0, "tokens": 0}
-    if resume_from:
-        if isinstance(cfg.lora.init_lora_weights, str) and cfg.lora.init_lora_weights.startswith("pissa"):
-            raise ValueError("resuming a PiSSA run is not supported: its checkpoints store the update relative "
-                             "to the original weights; start it again or use init_lora_weights: true")
-        saved = ckpt.load_trainer_state(resume_from)
-        _check_same_run(saved["config"], cfg, resume_from)
-        if t.method == "full":
-            ckpt.load_weights(model, resume_from)
+    # ------------------------------------------------------------------------------ setup --
+    def setup(self) -> None:
+        """Everything before the first step. The cheap checks (a previous run in the way, the
+        checkpoint to resume from, a writable output_dir) come before the model loads."""
+        t = self.cfg.train
+        self._started = time.perf_counter()
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        random.seed(t.seed)
+        payload = None
+        if self.resume:
+            self.resumed_from = resuming.find_checkpoint(self.out, self.resume)
+            payload = resuming.load_checkpoint(self.resumed_from, full_model=t.method == "full")
+            resuming.check_same_run(payload["config"], self.cfg, self.resumed_from)
         else:
-            delete_adapter(model, ADAPTER)
-            load_adapter(model, resume_from, ADAPTER, trainable=True)
-    opt = _optimizer(model, cfg)
-    sched = _schedule(opt, cfg, total)
-    if resume_from:
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        state.update(saved["progress"])
-        ckpt.set_rng_state(saved["rng"])
-        log(f"resumed from {resume_from} at step {state['step']}")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_partial(out)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
-    metrics = MetricsLog(out, truncate_after=state["step"], tensorboard=t.tensorboard)
-    params = parameter_report(model)
-    log(f"{params} | {len(prep.train)} train / {len(prep.val)} val examples | {total} steps | "
-        f"device {device} | precision {precision}")
+            resuming.check_fresh_start(self.out)
+        if self.is_main:  # an unwritable output_dir fails here (WriteError), not after the load
+            atomic.write_json(self.out / "config.json", self.cfg.to_dict())
+            ckpt.clean_partial(self.out)
+        self.data: Prepared = prepare(self.cfg, self.task, self.resumed_from)
+        self.model = self.data.model
+        self.per_epoch = num_batches(len(self.data.train), t.batch_size)
+        self.total_steps = t.max_steps or max(
+            1, math.ceil(t.epochs * self.per_epoch / t.grad_accum)
+        )
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_schedule(self.optimizer, t, self.total_steps)
+        if payload is not None:
+            self.state = TrainState.restore(payload, self.optimizer, self.scheduler)
+            self.log(f"resumed from {self.resumed_from} at step {self.state.step}")
+        self.params = parameter_report(self.model)
+        d = self.data
+        self.log(
+            f"{self.params} | {len(d.train)} train / {len(d.val)} val examples | "
+            f"{self.total_steps} steps | device {d.device} | precision {d.precision}"
+        )
+        if d.no_validation:
+            self.log(
+                f"no validation data ({d.no_validation}): no evaluation and no best "
+                f"{'adapter' if d.adapter else 'model'}; the final one is saved"
+            )
 
-    def evaluate() -> dict[str, float]:
-        with autocast_context(precision, device):
-            return evaluate_examples(model, prep.val, prep.collator, task, t.batch_size, t.loss_chunk,
-                                     t.eval_batches)
+    # -------------------------------------------------------------------------------- fit --
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.total_steps or bool(self.state.stopped)
 
-    def checkpoint() -> Path:
-        payload = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
-                   "progress": dict(state), "config": cfg.to_dict()}
-        return ckpt.save_checkpoint(out, state["step"], model, adapter, payload, t.keep_last)
+    def stop(self, reason: str) -> None:
+        """End training after the current step's callbacks (e.g. early stopping)."""
+        self.state.stopped = reason
 
-    adapter = ADAPTER if t.method == "lora" else None
-    final_name, best_name = ("adapter", "best_adapter") if adapter else ("model", "best_model")
-    stream = _micro_batches(prep, cfg, state["epoch"], state["index"])
-    stopped, losses, last_eval = "completed", [], {}
-    bar = _progress(progress, total, state["step"])
-    window_start, window_tokens = time.perf_counter(), 0
-    model.train()
-    while state["step"] < total:
+    def fit(self) -> None:
+        t, state = self.cfg.train, self.state
+        stream = micro_batches(
+            self.data.train, t.batch_size, self.data.collator, t.seed, state.epoch, state.index
+        )
+        self.dispatch("on_fit_start")
+        self.model.train()
+        try:
+            while not self.finished:
+                out = self.train_step(stream)
+                self.dispatch("on_step_end", out)
+        finally:
+            self.model.eval()
+            self.dispatch("on_fit_end")
+
+    def train_step(self, stream) -> StepOutput:
+        """One optimizer step over train.grad_accum micro-batches."""
+        t, state = self.cfg.train, self.state
+        started = time.perf_counter()
         group = [next(stream) for _ in range(t.grad_accum)]
-        last_epoch, last_index, _ = group[-1]
-        step_loss, gnorm = forward_backward(model, [b for _, _, b in group], task, precision, t.loss_chunk,
-                                            t.max_grad_norm)
-        window_tokens += sum(int(b["input_ids"].numel()) for _, _, b in group)
-        if not (math.isfinite(step_loss) and torch.isfinite(gnorm)):
-            opt.zero_grad(set_to_none=True)
-            good = ckpt.list_checkpoints(out)
-            stopped = "nan"
-            msg = (f"step {state['step'] + 1}: loss {step_loss} / grad norm {gnorm.item()} is not finite; "
-                   f"training stopped. Last good checkpoint: {good[-1] if good else 'none (no checkpoint yet)'}. "
-                   "Try a lower train.lr, train.precision=fp32, or train.max_grad_norm.")
-            metrics.close()
-            raise TrainingStopped(msg)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        state.update(step=state["step"] + 1, epoch=last_epoch, index=last_index + 1)
-        state["tokens"] += sum(int(b["input_ids"].numel()) for _, _, b in group)
-        losses.append(step_loss)
-        now = time.perf_counter()
-        tps = window_tokens / max(now - window_start, 1e-9)
-        if state["step"] % t.log_every == 0 or state["step"] == total:
-            metrics.write({"step": state["step"], "epoch": last_epoch + (last_index + 1) / max(per_epoch, 1),
-                           "loss": step_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                           "tokens_per_s": tps})
-        if bar is not None:
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:.0f}")
-            bar.update(1)
-        window_start, window_tokens = now, 0
-        at_end = state["step"] == total
-        if (t.eval_every and state["step"] % t.eval_every == 0) or at_end:
-            last_eval = evaluate()
-            model.train()
-            metrics.write({"step": state["step"], **{f"val_{k}": v for k, v in last_eval.items()}})
-            if last_eval["loss"] < state["best"]:
-                state.update(best=last_eval["loss"], bad_evals=0)
-                save_final(prep, out / best_name, adapter)
+        epoch, index, _ = group[-1]
+        micro = [batch for _, _, batch in group]
+        loss, grad_norm = forward_backward(
+            self.model, micro, self.task, self.data.precision, t.loss_chunk, t.max_grad_norm
+        )
+        out = StepOutput(loss, grad_norm, sum(int(b["input_ids"].numel()) for b in micro))
+        self.dispatch("after_backward", out)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step, state.epoch, state.index = state.step + 1, epoch, index + 1
+        state.tokens += out.tokens
+        self.losses.append(loss)
+        out.epoch = epoch + (index + 1) / max(self.per_epoch, 1)
+        out.lr = self.scheduler.get_last_lr()[0]
+        out.seconds = time.perf_counter() - started
+        return out
+
+    def dispatch(self, hook: str, *args) -> None:
+        """Call `hook` on every callback that runs in this process, in list order."""
+        for callback in self.callbacks:
+            if callback.main_process_only and not self.is_main:
+                continue
+            getattr(callback, hook)(self, *args)
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's validation metrics for the current weights ({} without validation data)."""
+        t, d = self.cfg.train, self.data
+        with autocast_context(d.precision, d.device):
+            metrics = self.task.evaluate(
+                self.model, d.val, d.collator, t.batch_size, t.loss_chunk, t.eval_batches
+            )
+        self.last_eval, self._evaluated_at = metrics, self.state.step
+        return metrics
+
+    # ------------------------------------------------------------------------------- save --
+    @property
+    def final_dir(self) -> Path:
+        return self.out / ("adapter" if self.data.adapter else "model")
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out / ("best_adapter" if self.data.adapter else "best_model")
+
+    def save_checkpoint(self) -> Path:
+        payload = self.state.to_payload(self.optimizer, self.scheduler, self.cfg.to_dict())
+        t = self.cfg.train
+        return ckpt.save_checkpoint(
+            self.out, self.state.step, self.model, self.data.adapter, payload, t.keep_last
+        )
+
+    def save_product(self, folder: Path) -> Path:
+        """The run's product, atomically: an adapter folder, or (full fine-tuning) a loadable
+        model folder; with labels.json for classification."""
+        d = self.data
+
+        def build(tmp: Path) -> None:
+            if d.adapter is not None:
+                save_adapter(d.model, tmp, d.adapter)
             else:
-                state["bad_evals"] += 1
-                if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
-                    stopped = f"early stop: no validation improvement in {state['bad_evals']} evaluations"
-        if (t.save_every and state["step"] % t.save_every == 0) or at_end or stopped != "completed":
-            checkpoint()
-        window_start = time.perf_counter()  # eval/checkpoint time is not training throughput
-        if stopped != "completed":
-            break
-    if bar is not None:
-        bar.close()
-    metrics.close()
-    model.eval()
-    adapter_dir = save_final(prep, out / final_name, adapter)
-    write_loss_plot(out / "metrics.jsonl", out / "loss.png")
-    best = out / best_name
-    result = TrainResult(out, adapter_dir, best if best.is_dir() else None, state["step"], stopped,
-                         time.perf_counter() - started, peak_memory_mb(device), params.trainable, params.total,
-                         {f"val_{k}": v for k, v in last_eval.items()}, losses)
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items() if k != "losses"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return result
+                if d.label_names is not None:
+                    d.model.config.id2label = dict(enumerate(d.label_names))
+                    d.model.config.label2id = {n: i for i, n in enumerate(d.label_names)}
+                d.model.save_pretrained(tmp, safe_serialization=True)
+                d.tokenizer.save_pretrained(tmp)
+            if d.label_names is not None:
+                (tmp / "labels.json").write_text(json.dumps(d.label_names) + "\n")
+
+        return atomic.write_dir(folder, build)
+
+    def save(self) -> TrainResult:
+        """Final evaluation, the final adapter (or model), loss plot and summary.json."""
+        d = self.data
+        if d.val and self._evaluated_at != self.state.step:
+            self.evaluate()  # a resumed run whose steps were all done before it was stopped
+        final = self.save_product(self.final_dir) if self.is_main else self.final_dir
+        best = self.best_dir
+        result = TrainResult(
+            self.out,
+            final,
+            best if best.is_dir() else None,
+            self.state.step,
+            self.state.stopped or "completed",
+            time.perf_counter() - self._started,
+            peak_memory_mb(d.device),
+            self.params.trainable,
+            self.params.total,
+            {f"val_{k}": v for k, v in self.last_eval.items()},
+            list(self.losses),
+        )
+        if self.is_main:
+            write_loss_plot(self.out / "metrics.jsonl", self.out / "loss.png")
+            atomic.write_json(self.out / "summary.json", self.summary(result))
+        return result
+
+    def summary(self, result: TrainResult) -> dict:
+        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+        del summary["losses"]
+        summary["validation_examples"] = len(self.data.val)
+        if self.data.no_validation:
+            summary["no_validation"] = self.data.no_validation
+        return summary
 
 
-def _find_resume(out: Path, resume: bool | str | None) -> Path | None:
-    if not resume:
-        return None
-    if isinstance(resume, str) and resume not in ("auto", "latest"):
-        path = Path(resume)
-        if not (path / "trainer_state.pt").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no trainer_state.pt)")
-        return path
-    found = ckpt.list_checkpoints(out)
-    if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    return found[-1]
-
-
-def _check_same_run(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
-    now = cfg.to_dict()
-    for section in ("model", "data", "lora"):
-        if saved.get(section) != now[section]:
-            diff = sorted(k for k in set(saved.get(section, {})) | set(now[section])
-                          if saved.get(section, {}).get(k) != now[section].get(k))
-            raise ValueError(f"cannot resume from {where}: {section} options changed ({', '.join(diff)}); "
-                             "resume with the config the run started with")
-    if saved["train"]["seed"] != cfg.train.seed or saved["train"]["batch_size"] != cfg.train.batch_size:
-        raise ValueError(f"cannot resume from {where}: train.seed / train.batch_size changed")
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
+def train(
+    cfg: RunConfig,
+    resume: bool | str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Fine-tune per `cfg`; `resume=True` continues from the newest checkpoint in output_dir,
+    `resume="<checkpoint folder>"` from that one."""
+    trainer = Trainer(cfg, resume=resume, progress=progress, log=log)
+    trainer.setup()
+    trainer.fit()
+    return trainer.save()

@@ -1,9 +1,9 @@
 """Adapter configuration: the fields of a PEFT `adapter_config.json`, validated.
 
-`LoraConfig` is what `inject()` consumes and what `io.save_adapter()` writes. Its field names and
-meanings are PEFT's (0.21), so a config written here loads in PEFT and one written by PEFT loads
-here. PEFT fields for features lorafit does not implement are accepted only at their "off" value;
-anything else is refused with a message, never silently ignored.
+`LoraConfig` is what `inject()` consumes and what `peft_format.save_adapter()` writes. Its field
+names and meanings are PEFT's (0.21), so a config written here loads in PEFT and one written by
+PEFT loads here. PEFT fields for features lorafit does not implement are accepted only at their
+"off" value; anything else is refused with a message, never silently ignored.
 """
 
 from __future__ import annotations
@@ -57,19 +57,22 @@ class LoraConfig:
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch's input (not applied to Embedding targets, as in PEFT)."""
     target_modules: list[str] | str | None = None
-    """Module-name suffixes, a regex (full match on the module path), or "all-linear"."""
+    """Module-name suffixes, a regex (full match on the module path), or "all-linear" (saved as
+    the resolved list of modules, as PEFT does)."""
     exclude_modules: list[str] | str | None = None
     """Names (suffixes) or a regex of modules never to wrap, even if targeted."""
     fan_in_fan_out: bool = False
     """True when the base weight is stored (in, out), as in GPT-2's Conv1D (set automatically)."""
     bias: str = "none"
-    """Which biases train: "none", "all" (every bias in the model) or "lora_only" (wrapped modules)."""
+    """Which biases train: "none", "all" (every bias in the model) or "lora_only" (wrapped
+    modules)."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classification head)."""
     init_lora_weights: bool | str = True
-    """True: A Kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r); "pissa": top-r SVD of W0; False: random B."""
+    """True: A Kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r); "pissa" (or "pissa_niter_N"):
+    top-r SVD of W0; False: random B."""
     layers_to_transform: list[int] | int | None = None
     """Only wrap modules inside these layer indices."""
     layers_pattern: list[str] | str | None = None
@@ -89,7 +92,8 @@ class LoraConfig:
     inference_mode: bool = False
     """PEFT's flag for adapters loaded for inference only."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
-    """Pass-through PEFT fields (auto_mapping, peft_version, ...), written back unchanged."""
+    """Pass-through PEFT fields (auto_mapping, ...), written back unchanged (peft_version is
+    always written as the PEFT release whose format lorafit writes)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,16 +108,24 @@ class LoraConfig:
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}.")
         init = self.init_lora_weights
-        if init not in INIT_CHOICES and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+        if init not in INIT_CHOICES and not (
+            isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)
+        ):
             raise ValueError(
-                f"init_lora_weights={init!r} is not supported; use one of True, False, 'gaussian', 'pissa'."
+                f"init_lora_weights={init!r} is not supported; "
+                "use one of True, False, 'gaussian', 'pissa'."
             )
-        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+        for name, pattern in (
+            ("rank_pattern", self.rank_pattern),
+            ("alpha_pattern", self.alpha_pattern),
+        ):
             for key, value in pattern.items():
                 if not isinstance(value, (int, float)) or value <= 0:
                     raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}.")
                 if name == "rank_pattern" and not isinstance(value, int):
-                    raise ValueError(f"rank_pattern[{key!r}] must be an integer rank, got {value!r}.")
+                    raise ValueError(
+                        f"rank_pattern[{key!r}] must be an integer rank, got {value!r}."
+                    )
         if self.target_modules is None and not self.modules_to_save:
             raise ValueError(
                 "target_modules is not set: give module-name suffixes (e.g. ['q_proj', 'v_proj']), "
@@ -136,12 +148,12 @@ class LoraConfig:
         """The dict PEFT 0.21 writes as adapter_config.json (every field present)."""
         out: dict[str, Any] = {k: v for k, v in _PASSTHROUGH.items() if k != "runtime_config"}
         out.update({k: vals[0] for k, vals in _UNSUPPORTED_OFF.items()})
-        out.update({k: v for k, v in self.extra.items() if k != "runtime_config"})  # PEFT never writes it
+        out.update(
+            {k: v for k, v in self.extra.items() if k != "runtime_config"}
+        )  # PEFT never writes it
         for f in dataclasses.fields(self):
             if f.name != "extra":
                 out[f.name] = getattr(self, f.name)
-        if isinstance(out["init_lora_weights"], str) and out["init_lora_weights"].startswith("pissa"):
-            out["init_lora_weights"] = True  # the saved A, B already hold the SVD; loading must not redo it
         out["peft_type"] = "LORA"
         return dict(sorted(out.items()))
 
@@ -151,7 +163,9 @@ class LoraConfig:
         data = dict(data)
         peft_type = data.pop("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorafit reads only LoRA adapters (LORA).")
+            raise ValueError(
+                f"{source}: peft_type is {peft_type!r}; lorafit reads only LoRA adapters (LORA)."
+            )
         own = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = own | set(_UNSUPPORTED_OFF) | set(_PASSTHROUGH)
         unknown = [k for k in data if k not in known]
@@ -164,7 +178,8 @@ class LoraConfig:
         for key, off_values in _UNSUPPORTED_OFF.items():
             if key in data and data[key] not in off_values:
                 raise ValueError(
-                    f"{source}: {key}={data[key]!r} asks for a PEFT feature lorafit does not implement; "
+                    f"{source}: {key}={data[key]!r} asks for a PEFT feature lorafit does not "
+                    "implement; "
                     f"remove it or set it to {off_values[0]!r}."
                 )
         extra = {k: data[k] for k in _PASSTHROUGH if k in data}
@@ -183,4 +198,3 @@ def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> 
         if re.match(rf"(.*\.)?({key})$", module_path):
             return value
     return default
-

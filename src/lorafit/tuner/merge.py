@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.tuner.state import active_adapters, lora_layers
-from lorafit.tuner.inject import adapter_configs, plain_modules, set_submodule
-from lorafit.tuner.layer import LoraLayer, TrainedCopy
+from lorafit.tuner.layer import LoraLayer
+from lorafit.tuner.state import (
+    active_adapters,
+    adapter_configs,
+    lora_layers,
+    plain_modules,
+    set_submodule,
+)
+from lorafit.tuner.trained_copy import TrainedCopy
 
 
 class MergeError(RuntimeError):
@@ -21,30 +27,29 @@ def merged_adapters(model: nn.Module) -> list[str]:
     return names
 
 
-def _probe(layer: LoraLayer, gen: torch.Generator) -> torch.Tensor:
-    w = layer.base_layer.weight
-    fan_in, _ = layer.dims()
-    if layer.kind == "embedding":
-        return torch.randint(0, fan_in, (8,), generator=gen).to(w.device)
-    if layer.kind == "conv":
-        spatial = [2 * k + 1 for k in w.shape[2:]]
-        return torch.randn(2, fan_in, *spatial, generator=gen).to(w.device, w.dtype)
-    return torch.randn(8, fan_in, generator=gen).to(w.device, w.dtype)
-
-
 def _untie_if_shared(model: nn.Module, path: str, layer: LoraLayer) -> None:
-    """Give a tied weight (e.g. embeddings shared with the LM head) its own copy before it changes."""
+    """Give a tied weight (e.g. embeddings shared with the LM head) its own copy before it
+    changes."""
     weight = layer.base_layer.weight
-    sharers = [p for p, m in model.named_modules() if m is not layer.base_layer
-               and any(q is weight for q in m.parameters(recurse=False))]
+    sharers = [
+        p
+        for p, m in model.named_modules()
+        if m is not layer.base_layer and any(q is weight for q in m.parameters(recurse=False))
+    ]
     if sharers:
-        layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        layer.base_layer.weight = nn.Parameter(
+            weight.detach().clone(), requires_grad=weight.requires_grad
+        )
         if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
             model.config.tie_word_embeddings = False
 
 
-def merge(model: nn.Module, adapters: list[str] | str | None = None, verify: bool = False,
-          tolerance: float | None = None) -> list[str]:
+def merge(
+    model: nn.Module,
+    adapters: list[str] | str | None = None,
+    verify: bool = False,
+    tolerance: float | None = None,
+) -> list[str]:
     """Add the given (default: active) adapters into the base weights.
 
     Idempotent (an adapter already merged is skipped) and all-or-nothing: every layer's merged
@@ -65,7 +70,9 @@ def merge(model: nn.Module, adapters: list[str] | str | None = None, verify: boo
         if not todo:
             continue
         try:
-            weight, _ = layer.merged_weight(todo)  # computed to check; merge() recomputes to save memory
+            weight, _ = layer.merged_weight(
+                todo
+            )  # computed to check; merge() recomputes to save memory
         except FloatingPointError as exc:
             raise MergeError(f"{path}: {exc}; nothing was merged") from None
         if verify:
@@ -78,9 +85,15 @@ def merge(model: nn.Module, adapters: list[str] | str | None = None, verify: boo
     return names
 
 
-def _verify(path: str, layer: LoraLayer, todo: list[str], weight: torch.Tensor, gen: torch.Generator,
-            tolerance: float | None) -> None:
-    x = _probe(layer, gen)
+def _verify(
+    path: str,
+    layer: LoraLayer,
+    todo: list[str],
+    weight: torch.Tensor,
+    gen: torch.Generator,
+    tolerance: float | None,
+) -> None:
+    x = layer.kind.probe(layer.base_layer, gen)
     was_training, was_active = layer.training, layer.active
     layer.eval()
     layer.active = todo
@@ -91,12 +104,16 @@ def _verify(path: str, layer: LoraLayer, todo: list[str], weight: torch.Tensor, 
     finally:
         layer.active = was_active
         layer.train(was_training)
-    half = layer.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+    half = layer.kind.compute_dtype(layer.base_layer) in (torch.float16, torch.bfloat16)
     tol = tolerance if tolerance is not None else (2e-2 if half else 1e-4)
-    err = ((got.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-6)).item()
+    err = (
+        (got.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-6)
+    ).item()
     if not err <= tol:
-        raise MergeError(f"{path}: merged output differs from unmerged by {err:.2e} (> {tol:.0e}); "
-                         "nothing was merged")
+        raise MergeError(
+            f"{path}: merged output differs from unmerged by {err:.2e} (> {tol:.0e}); "
+            "nothing was merged"
+        )
 
 
 def unmerge(model: nn.Module) -> None:
@@ -105,7 +122,9 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, adapters: list[str] | str | None = None, verify: bool = True) -> nn.Module:
+def merge_and_unload(
+    model: nn.Module, adapters: list[str] | str | None = None, verify: bool = True
+) -> nn.Module:
     """Merge, then remove every lorafit module: the result is the plain transformers model."""
     merge(model, adapters, verify=verify)
     for path, module in list(plain_modules(model)):

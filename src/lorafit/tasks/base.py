@@ -1,0 +1,114 @@
+"""The task interface: what training, evaluation and inference need to know about a kind of task.
+
+A task turns records into examples, batches them, computes the training loss, evaluates and runs
+inference. `train/`, `infer/` and `cli/` only talk to this interface, so a new task (image
+classification, recommendation) is one new file registered with `register_task`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lorafit.data import batches
+
+
+class Task:
+    """One kind of task. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    """The `model.task` value that selects this task."""
+    peft_task_type: ClassVar[str]
+    """PEFT's task_type written into adapter_config.json (CAUSAL_LM, SEQ_CLS, ...)."""
+    head: ClassVar[str]
+    """The model head `lorafit.models.load_model` builds for this task."""
+    needs_labels_before_model: ClassVar[bool] = False
+    """True when the label set (read from the data) decides the model's head size."""
+
+    def build_examples(
+        self, records: Sequence[dict], tokenizer, data, labels: list[str] | None = None
+    ) -> tuple[list[dict], list[str] | None]:
+        """(tokenized examples, label names or None). `data` is the run's data options."""
+        raise NotImplementedError
+
+    def pack(self, examples: list[dict], data) -> list[dict]:
+        """Training examples as the loop sees them (a task may pack several into one sequence)."""
+        return examples
+
+    def collator(self, tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def trained_heads(self, model: nn.Module) -> list[str]:
+        """Modules that must train in full with the adapter (a freshly initialised head)."""
+        return []
+
+    def target_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many loss targets a batch holds (micro-batches are weighted by it)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
+        """Mean loss over the batch's targets, with a graph for backward."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        examples: list[dict],
+        collator: Callable,
+        batch_size: int = 8,
+        chunk: int = 2048,
+        max_batches: int | None = None,
+    ) -> dict[str, float]:
+        """Validation metrics over tokenized examples, in a fixed order. Empty examples: {}."""
+        raise NotImplementedError
+
+    def infer(self, model: nn.Module, tokenizer, inputs: list[Any], **options) -> list[str]:
+        """Outputs for user inputs (generated text, predicted labels)."""
+        raise NotImplementedError
+
+
+def eval_batches(
+    model: nn.Module,
+    examples: list[dict],
+    collator: Callable,
+    batch_size: int,
+    max_batches: int | None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches in file order on the model's device, with the model in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        order = batches(examples, batch_size, collator, seed=0, epoch=0, shuffle=False)
+        for i, batch in enumerate(order):
+            if max_batches is not None and i >= max_batches:
+                break
+            yield {k: v.to(device) for k, v in batch.items()}
+    finally:
+        model.train(was_training)
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make `cls` selectable as `model.task: <cls.name>`."""
+    _TASKS[cls.name] = cls()
+    return cls
+
+
+def task_names() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown task {name!r}; choose one of: {', '.join(task_names())}"
+        ) from None

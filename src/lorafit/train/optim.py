@@ -1,0 +1,53 @@
+"""AdamW over the trainable parameters (LoRA+: B matrices in their own, faster group) and the
+learning-rate schedule: linear warmup, then cosine, linear or constant."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lorafit.train.config import TrainOptions
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def build_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.AdamW:
+    """AdamW with lr for every trainable parameter, lr * lora_plus_ratio for the B matrices."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: the adapter has no trainable parameters")
+    b_ratio = options.lora_plus_ratio or 1.0
+    groups = [
+        {"params": [p for n, p in params if not n.endswith(".B")], "lr": options.lr},
+        {"params": [p for n, p in params if n.endswith(".B")], "lr": options.lr * b_ratio},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based) of `total`."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; choose cosine, linear or constant")
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if kind == "linear":
+        return max(0.0, 1 - progress)
+    return 1.0
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, options: TrainOptions, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(options.warmup_ratio * total)
+    kind = options.schedule
+    if kind not in SCHEDULES:  # fail here, not at the first step
+        raise ValueError(f"unknown schedule {kind!r}; choose cosine, linear or constant")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, kind)
+    )

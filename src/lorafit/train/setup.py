@@ -1,0 +1,163 @@
+"""A run's inputs made ready: records read and split, tokenized by the task, the base model loaded
+with the task's head, the adapter added (or every weight made trainable), a checkpoint's weights
+restored, and the lean training setup applied.
+
+    records -> examples (task) -> model (+ LoRA | full) -> [checkpoint weights] -> lean setup
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafit.data.records import load_split_records
+from lorafit.models.loading import load_model, load_tokenizer
+from lorafit.ops.precision import resolve_precision
+from lorafit.tasks import Task
+from lorafit.train import checkpoints as ckpt
+from lorafit.train.config import RunConfig
+from lorafit.train.step import prepare_for_training
+from lorafit.tuner.inject import inject
+from lorafit.tuner.peft_format import load_adapter
+from lorafit.tuner.state import delete_adapter
+
+ADAPTER = "default"
+"""The name of the adapter a LoRA run trains."""
+
+
+@dataclass
+class Prepared:
+    """What `prepare` hands the trainer."""
+
+    model: nn.Module
+    tokenizer: Any
+    task: Task
+    train: list[dict]
+    """Tokenized (and, when asked, packed) training examples."""
+    val: list[dict]
+    """Tokenized validation examples; empty when the run has no validation data."""
+    collator: Callable[[list[dict]], dict[str, torch.Tensor]]
+    precision: str
+    """The resolved precision: fp32 or bf16."""
+    label_names: list[str] | None = None
+    no_validation: str = ""
+    """Why there is no validation data ("" when there is)."""
+    adapter: str | None = ADAPTER
+    """The trained adapter's name; None for full fine-tuning."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def read_splits(cfg: RunConfig) -> tuple[list[dict], list[dict], str]:
+    """(train records, validation records, why there is no validation: "" when there is).
+
+    Early stopping without validation data is refused here, before any model is loaded."""
+    d = cfg.data
+    if not d.train:
+        raise ValueError("data.train is not set: give a training file (jsonl/csv/tsv)")
+    train, val = load_split_records(
+        d.train, d.validation, d.val_fraction, cfg.train.seed, d.max_examples, d.columns
+    )
+    reason = "" if val else _no_validation_reason(cfg, len(train))
+    _check_validation_needed(cfg, reason)
+    return train, val, reason
+
+
+def _no_validation_reason(cfg: RunConfig, n_train: int) -> str:
+    d = cfg.data
+    if d.validation:
+        return f"data.validation {d.validation} holds no usable example"
+    if d.val_fraction == 0:
+        return "no data.validation file and data.val_fraction is 0"
+    return f"data.val_fraction {d.val_fraction} of {n_train} training rows leaves no example"
+
+
+def _check_validation_needed(cfg: RunConfig, no_validation: str) -> None:
+    if no_validation and cfg.train.early_stopping_patience:
+        raise ValueError(
+            f"train.early_stopping_patience needs validation data, but {no_validation}; "
+            "set data.validation or data.val_fraction > 0, or drop early stopping"
+        )
+
+
+def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Prepared:
+    """Read and tokenize the data, load the model, add the adapter; with `weights_from` (a
+    checkpoint folder) the trained weights are those of the checkpoint."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    train_rec, val_rec, no_validation = read_splits(cfg)  # a bad file fails before the model load
+    if task.needs_labels_before_model:  # the label set decides the head's size
+        tokenizer = load_tokenizer(m.name, m.cache_dir)
+        train, names = task.build_examples(train_rec, tokenizer, d)
+        model, tokenizer = _load(cfg, task, len(names))
+    else:
+        model, tokenizer = _load(cfg, task, None)
+        train, names = task.build_examples(train_rec, tokenizer, d)
+    val, _ = task.build_examples(val_rec, tokenizer, d, labels=names)
+    if not train:
+        raise ValueError(f"{d.train}: no training examples left after the validation split")
+    if val_rec and not val:
+        no_validation = _no_validation_reason(cfg, len(train_rec))
+        _check_validation_needed(cfg, no_validation)
+    train = task.pack(train, d)
+    torch.manual_seed(t.seed)  # the adapter's initial values
+    adapter = ADAPTER if t.method == "lora" else None
+    if adapter is None:
+        model.requires_grad_(True)
+    else:
+        inject(model, _adapter_config(cfg, task, model), adapter)
+    if weights_from is not None:
+        _restore_weights(model, weights_from, adapter)
+    precision = resolve_precision(t.precision, next(model.parameters()).device)
+    prepare_for_training(model, precision, t.gradient_checkpointing, t.recompute_mlp)
+    return Prepared(
+        model,
+        tokenizer,
+        task,
+        train,
+        val,
+        task.collator(tokenizer),
+        precision,
+        names,
+        no_validation,
+        adapter,
+    )
+
+
+def _load(cfg: RunConfig, task: Task, num_labels: int | None):
+    m = cfg.model
+    return load_model(
+        m.name,
+        head=task.head,
+        num_labels=num_labels,
+        dtype=m.dtype,
+        device=m.device,
+        cache_dir=m.cache_dir,
+    )
+
+
+def _adapter_config(cfg: RunConfig, task: Task, model: nn.Module):
+    lora = cfg.lora
+    heads = task.trained_heads(model)
+    if heads and not lora.modules_to_save:  # a freshly initialised head must train
+        lora = dataclasses.replace(lora, modules_to_save=heads)
+    return dataclasses.replace(
+        lora,
+        base_model_name_or_path=model.config._name_or_path,
+        task_type=task.peft_task_type,
+    )
+
+
+def _restore_weights(model: nn.Module, checkpoint: Path, adapter: str | None) -> None:
+    if adapter is None:
+        ckpt.load_weights(model, checkpoint)
+    else:
+        delete_adapter(model, adapter)
+        load_adapter(model, checkpoint, adapter, trainable=True)

@@ -1,0 +1,22 @@
+"""LoRA variants as hook objects (plain LoRA = the defaults); importing this package registers
+them all. A new variant is a new file here that subclasses `Variant` and calls
+`register_variant`, plus its import below."""
+
+from lorafit.tuner.variants import dora, pissa  # noqa: F401  (registers)
+from lorafit.tuner.variants.base import (
+    LORA,
+    Variant,
+    register_variant,
+    registered_variants,
+    update_variant,
+    variants_for,
+)
+
+__all__ = [
+    "LORA",
+    "Variant",
+    "register_variant",
+    "registered_variants",
+    "update_variant",
+    "variants_for",
+]
