@@ -59,16 +59,29 @@ class Task:
 
 
 TASKS = {
-    "e2e": Task("E2E NLG (SmolLM2-135M-Instruct)", "../shared/data/e2e_nlg/testset_w_refs.csv",
-                "E2E test (630 MRs, all refs)", generation=True, smoke=("data.max_examples=64",)),
-    "sst2": Task("SST-2 (all-MiniLM-L6-v2)", "../shared/data/sst2/dev.tsv", "GLUE dev (872)",
-                 smoke=("data.max_examples=2000",)),
-    "trec": Task("TREC coarse (all-MiniLM-L6-v2)", "../shared/data/trec/test.tsv", "TREC-10 test (500)"),
+    "e2e": Task(
+        "E2E NLG (SmolLM2-135M-Instruct)",
+        "../shared/data/e2e_nlg/testset_w_refs.csv",
+        "E2E test (630 MRs, all refs)",
+        generation=True,
+        smoke=("data.max_examples=64",),
+    ),
+    "sst2": Task(
+        "SST-2 (all-MiniLM-L6-v2)",
+        "../shared/data/sst2/dev.tsv",
+        "GLUE dev (872)",
+        smoke=("data.max_examples=2000",),
+    ),
+    "trec": Task(
+        "TREC coarse (all-MiniLM-L6-v2)", "../shared/data/trec/test.tsv", "TREC-10 test (500)"
+    ),
     "sms": Task("SMS spam (all-MiniLM-L6-v2)", None, "held-out 20% (1,115)"),
 }
 SMOKE_STEPS = 2
 SMOKE_EVAL = 8  # E2E: distinct test MRs generated; classification: report rows scored
-GEN_BATCH = 16  # prompts per generate() call (throughput on CPU; greedy, so results do not depend on it)
+GEN_BATCH = (
+    16  # prompts per generate() call (throughput on CPU; greedy, so results do not depend on it)
+)
 MAX_NEW_TOKENS = 64
 
 
@@ -77,12 +90,16 @@ def recipe(task: str, method: str) -> Path:
 
 
 # ------------------------------------------------------------------ child: one training run + scoring --
-def child(task_name: str, method: str, run_dir: Path, overrides: list[str], limit: int | None) -> None:
+def child(
+    task_name: str, method: str, run_dir: Path, overrides: list[str], limit: int | None
+) -> None:
     from lorafit.infer.evaluate import evaluate_run
     from lorafit.train import load_run_config, train
 
     task = TASKS[task_name]
-    cfg = load_run_config(str(recipe(task_name, method)), [*overrides, f"train.output_dir={run_dir}"])
+    cfg = load_run_config(
+        str(recipe(task_name, method)), [*overrides, f"train.output_dir={run_dir}"]
+    )
     result = train(cfg, progress=False)
     if task.generation:  # the checkpoint chosen on the dev slice, as in the LoRA paper's E2E table
         scored = result.best_adapter_dir or result.adapter_dir
@@ -90,17 +107,29 @@ def child(task_name: str, method: str, run_dir: Path, overrides: list[str], limi
         scored = result.adapter_dir
     started = time.perf_counter()
     if task.generation:
-        metrics = score_generation(cfg, str(scored), task.report, limit, run_dir / "predictions.jsonl")
+        metrics = score_generation(
+            cfg, str(scored), task.report, limit, run_dir / "predictions.jsonl"
+        )
     else:
         metrics = evaluate_run(cfg, adapter=str(scored), data=task.report, limit=limit)
     row = {
-        "task": task_name, "method": method, "steps": result.steps, "batch_size": cfg.train.batch_size,
-        "grad_accum": cfg.train.grad_accum, "lr": cfg.train.lr, "stopped": result.stopped,
-        "trainable_params": result.trainable_params, "total_params": result.total_params,
+        "task": task_name,
+        "method": method,
+        "steps": result.steps,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "lr": cfg.train.lr,
+        "stopped": result.stopped,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
         "size_mb": sum(p.stat().st_size for p in Path(scored).glob("*.safetensors")) / 2**20,
-        "train_wall_s": result.wall_time_s, "peak_memory_mb": result.peak_memory_mb,
-        "val": result.final, "scored": str(Path(scored).relative_to(run_dir)), "report": task.report_name,
-        "metrics": metrics, "eval_wall_s": time.perf_counter() - started,
+        "train_wall_s": result.wall_time_s,
+        "peak_memory_mb": result.peak_memory_mb,
+        "val": result.final,
+        "scored": str(Path(scored).relative_to(run_dir)),
+        "report": task.report_name,
+        "metrics": metrics,
+        "eval_wall_s": time.perf_counter() - started,
     }
     (run_dir / "result.json").write_text(json.dumps(row, indent=2) + "\n")
 
@@ -116,8 +145,9 @@ def score_generation(cfg, folder: str, data: str, limit: int | None, predictions
     from lorafit.infer import generate, load_for_inference
     from lorafit.tasks.metrics import generation_scores
 
-    model, tokenizer = load_for_inference(cfg.model.name, folder, cfg.model.device, cfg.model.dtype,
-                                          cfg.model.cache_dir)
+    model, tokenizer = load_for_inference(
+        cfg.model.name, folder, cfg.model.device, cfg.model.dtype, cfg.model.cache_dir
+    )
     prompts, refs = prompts_and_references(read_records(data, cfg.data.columns))
     if limit:
         prompts, refs = prompts[:limit], refs[:limit]
@@ -130,14 +160,20 @@ def score_generation(cfg, folder: str, data: str, limit: int | None, predictions
 
 
 # ---------------------------------------------------------------------------------- parent side --
-def run_overrides(task: str, method: str, scale: float, smoke: bool) -> tuple[list[str], int | None]:
+def run_overrides(
+    task: str, method: str, scale: float, smoke: bool
+) -> tuple[list[str], int | None]:
     """(--set overrides, eval limit) for one run: the recipe's budget scaled, or the smoke budget."""
     from lorafit.train.config import load_run_config
 
     base = load_run_config(str(recipe(task, method))).train
     if smoke:
-        return [f"train.max_steps={SMOKE_STEPS}", "train.eval_every=0", "train.eval_batches=1",
-                *TASKS[task].smoke], SMOKE_EVAL
+        return [
+            f"train.max_steps={SMOKE_STEPS}",
+            "train.eval_every=0",
+            "train.eval_batches=1",
+            *TASKS[task].smoke,
+        ], SMOKE_EVAL
     if scale == 1.0:
         return [], None
     steps = max(1, round(base.max_steps * scale))
@@ -154,8 +190,10 @@ def check_twins(tasks: list[str]) -> None:
         same = ("max_steps", "batch_size", "grad_accum", "seed", "epochs")
         diff = [k for k in same if getattr(lora.train, k) != getattr(full.train, k)]
         if lora.data != full.data or lora.model != full.model or diff:
-            raise SystemExit(f"examples/{task}_lora.yaml and {task}_full.yaml differ in data/model/{diff}: "
-                             "the comparison needs the same examples seen")
+            raise SystemExit(
+                f"examples/{task}_lora.yaml and {task}_full.yaml differ in data/model/{diff}: "
+                "the comparison needs the same examples seen"
+            )
 
 
 def missing_requirements(tasks: list[str]) -> list[str]:
@@ -177,28 +215,52 @@ def run_all(args) -> list[dict]:
     for task in args.tasks:
         for method in METHODS:
             run_dir = out / f"{task}_{method}"
-            shutil.rmtree(run_dir, ignore_errors=True)  # train() refuses to overwrite a finished run
+            shutil.rmtree(
+                run_dir, ignore_errors=True
+            )  # train() refuses to overwrite a finished run
             run_dir.mkdir(parents=True)
             overrides, limit = run_overrides(task, method, args.budget_scale, args.smoke)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", task, method, "--run-dir", str(run_dir),
-                   "--overrides", json.dumps(overrides)] + (["--limit", str(limit)] if limit else [])
-            print(f"[{time.strftime('%H:%M:%S')}] {task} {method}: training ... (log: {run_dir / 'run.log'})",
-                  file=sys.stderr, flush=True)
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                task,
+                method,
+                "--run-dir",
+                str(run_dir),
+                "--overrides",
+                json.dumps(overrides),
+            ] + (["--limit", str(limit)] if limit else [])
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {task} {method}: training ... (log: {run_dir / 'run.log'})",
+                file=sys.stderr,
+                flush=True,
+            )
             started = time.perf_counter()
             with open(run_dir / "run.log", "w") as log:
-                env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+                env = {
+                    **os.environ,
+                    "TRANSFORMERS_VERBOSITY": "error",
+                    "TOKENIZERS_PARALLELISM": "false",
+                }
                 proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
             if proc.returncode != 0:
                 tail = (run_dir / "run.log").read_text(errors="replace")[-3000:]
-                raise SystemExit(f"{task} {method} failed (exit {proc.returncode}); "
-                                 f"end of {run_dir / 'run.log'}:\n{tail}")
+                raise SystemExit(
+                    f"{task} {method} failed (exit {proc.returncode}); "
+                    f"end of {run_dir / 'run.log'}:\n{tail}"
+                )
             row = json.loads((run_dir / "result.json").read_text())
             row["total_wall_s"] = time.perf_counter() - started
             rows.append(row)
             if not args.keep_checkpoints:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            print(f"[{time.strftime('%H:%M:%S')}] {task} {method}: done in {row['total_wall_s']:.0f} s "
-                  f"(train {row['train_wall_s']:.0f} s) -> {headline(row)}", file=sys.stderr, flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {task} {method}: done in {row['total_wall_s']:.0f} s "
+                f"(train {row['train_wall_s']:.0f} s) -> {headline(row)}",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -222,17 +284,25 @@ def fmt_params(n: int) -> str:
 def markdown(rows: list[dict], args, device: str) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lines = [
-        "# LoRA vs full fine-tuning" + (" (SMOKE: tiny budget, metrics meaningless)" if args.smoke else ""),
+        "# LoRA vs full fine-tuning"
+        + (" (SMOKE: tiny budget, metrics meaningless)" if args.smoke else ""),
         "",
         f"Device: {device}. Same examples for both methods of a task (same steps, batch, seed); learning "
         "rates per method as in examples/<task>_<method>.yaml. Budgets"
-        + (f" (x{args.budget_scale} of the recipes)" if args.budget_scale != 1.0 and not args.smoke else "") + ":",
+        + (
+            f" (x{args.budget_scale} of the recipes)"
+            if args.budget_scale != 1.0 and not args.smoke
+            else ""
+        )
+        + ":",
         "",
     ]
     for task in tasks:
         lrs = ", ".join(f"{r['method']} lr {r['lr']:g}" for r in rows if r["task"] == task)
-        lines.append(f"- **{task}** -- {TASKS[task].title}: {budget(rows, task)}; {lrs}; "
-                     f"reported on {TASKS[task].report_name}")
+        lines.append(
+            f"- **{task}** -- {TASKS[task].title}: {budget(rows, task)}; {lrs}; "
+            f"reported on {TASKS[task].report_name}"
+        )
     lines += [
         "",
         "| task | method | trainable params | share of all | adapter/model MB | train time s | peak memory MB "
@@ -241,13 +311,38 @@ def markdown(rows: list[dict], args, device: str) -> str:
     ]
     for r in rows:
         m = r["metrics"]
-        gen = [f"{m['bleu']:.1f}", f"{100 * m['rouge_l']:.1f}", f"{m['meteor']:.3f}", f"{m['cider']:.2f}"] \
-            if "bleu" in m else ["", "", "", ""]
-        cls = [f"{100 * m['accuracy']:.1f}", f"{100 * m['macro_f1']:.1f}"] if "accuracy" in m else ["", ""]
-        lines.append("| " + " | ".join([
-            r["task"], r["method"], fmt_params(r["trainable_params"]),
-            f"{100 * r['trainable_params'] / r['total_params']:.2f}%", f"{r['size_mb']:.1f}",
-            f"{r['train_wall_s']:.0f}", f"{r['peak_memory_mb']:.0f}", *gen, *cls]) + " |")
+        gen = (
+            [
+                f"{m['bleu']:.1f}",
+                f"{100 * m['rouge_l']:.1f}",
+                f"{m['meteor']:.3f}",
+                f"{m['cider']:.2f}",
+            ]
+            if "bleu" in m
+            else ["", "", "", ""]
+        )
+        cls = (
+            [f"{100 * m['accuracy']:.1f}", f"{100 * m['macro_f1']:.1f}"]
+            if "accuracy" in m
+            else ["", ""]
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["task"],
+                    r["method"],
+                    fmt_params(r["trainable_params"]),
+                    f"{100 * r['trainable_params'] / r['total_params']:.2f}%",
+                    f"{r['size_mb']:.1f}",
+                    f"{r['train_wall_s']:.0f}",
+                    f"{r['peak_memory_mb']:.0f}",
+                    *gen,
+                    *cls,
+                ]
+            )
+            + " |"
+        )
     lines += [
         "",
         "Train time: wall clock of `lorafit.train.train` (data prep, model load, steps, validation, saving). "
@@ -273,10 +368,12 @@ def plot(rows: list[dict], png: Path) -> None:
         m = r["metrics"]
         return m["bleu"] if "bleu" in m else 100 * m["accuracy"]
 
-    panels = [("quality: E2E BLEU, else accuracy %", quality, False, "%.1f"),
-              ("train time (s)", lambda r: r["train_wall_s"], False, "%.0f"),
-              ("peak memory (MB)", lambda r: r["peak_memory_mb"], False, "%.0f"),
-              ("adapter / model on disk (MB, log)", lambda r: r["size_mb"], True, "%.3g")]
+    panels = [
+        ("quality: E2E BLEU, else accuracy %", quality, False, "%.1f"),
+        ("train time (s)", lambda r: r["train_wall_s"], False, "%.0f"),
+        ("peak memory (MB)", lambda r: r["peak_memory_mb"], False, "%.0f"),
+        ("adapter / model on disk (MB, log)", lambda r: r["size_mb"], True, "%.3g"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110)
     width = 0.38
     for ax, (title, value, log, fmt) in zip(axes, panels):
@@ -304,21 +401,37 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return f"CUDA {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return (f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
+    return (
+        f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--budget-scale", type=float, default=1.0,
-                   help="multiply every recipe's max_steps (and eval_every) by this")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"{SMOKE_STEPS} steps per run and {SMOKE_EVAL} report examples: checks the pipeline, "
-                        "not the models")
-    p.add_argument("--out", default="runs/lora_vs_full", help="output folder (default: %(default)s)")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ folder")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}"
+    )
+    p.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="multiply every recipe's max_steps (and eval_every) by this",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"{SMOKE_STEPS} steps per run and {SMOKE_EVAL} report examples: checks the pipeline, "
+        "not the models",
+    )
+    p.add_argument(
+        "--out", default="runs/lora_vs_full", help="output folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ folder"
+    )
     p.add_argument("--child", nargs=2, metavar=("TASK", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
@@ -343,13 +456,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_all(args)
     out = Path(args.out).resolve()
     report = markdown(rows, args, device_name())
-    report += f"\nTotal wall time of this benchmark: {(time.perf_counter() - started) / 60:.1f} min.\n"
+    report += (
+        f"\nTotal wall time of this benchmark: {(time.perf_counter() - started) / 60:.1f} min.\n"
+    )
     (out / "results.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"smoke": args.smoke, "budget_scale": args.budget_scale,
-                                                   "device": device_name(), "rows": rows}, indent=2) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "smoke": args.smoke,
+                "budget_scale": args.budget_scale,
+                "device": device_name(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     plot(rows, out / "results.png")
     print(report)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}", file=sys.stderr)
+    print(
+        f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}",
+        file=sys.stderr,
+    )
     return 0
 
 

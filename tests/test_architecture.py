@@ -14,7 +14,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "lorafit"
 # Lowest first: a module may import from its own layer and the layers before it, never after.
 LAYERS = ["atomic", "tuner", "models", "data", "ops", "tasks", "train", "infer", "cli"]
-TOP = {"lorafit", "lorafit.__main__"}  # the public facade and `python -m lorafit`: nothing imports them
+TOP = {
+    "lorafit",
+    "lorafit.__main__",
+}  # the public facade and `python -m lorafit`: nothing imports them
 
 
 def module_name(path: Path) -> str:

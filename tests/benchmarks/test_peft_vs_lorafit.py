@@ -26,12 +26,18 @@ def _bench():
 def test_smoke_runs_every_row_and_losses_agree(tmp_path):
     pytest.importorskip("peft")
     bench = _bench()
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     markdown = (tmp_path / "peft_vs_lorafit.md").read_text()
     for row in bench.ROWS.values():
-        assert f"| {row.label} | 32 |" in proc.stdout and f"| {row.label} | 32 |" in markdown, row.label
+        assert f"| {row.label} | 32 |" in proc.stdout and f"| {row.label} | 32 |" in markdown, (
+            row.label
+        )
     assert (tmp_path / "peft_vs_lorafit.png").stat().st_size > 1000
 
     data = json.loads((tmp_path / "peft_vs_lorafit.json").read_text())
@@ -39,7 +45,9 @@ def test_smoke_runs_every_row_and_losses_agree(tmp_path):
     assert set(results) == set(bench.ROWS)
     steps = data["args"]["warmup"] + data["args"]["steps"]
     for r in results.values():
-        assert len(r["losses"]) == steps and all(math.isfinite(x) and x > 0 for x in r["losses"]), r["row"]
+        assert len(r["losses"]) == steps and all(math.isfinite(x) and x > 0 for x in r["losses"]), (
+            r["row"]
+        )
     # Recheck agreement from the raw losses, independently of the script's own verdict.
     for key, row in bench.ROWS.items():
         if row.lib != "lorafit":
@@ -51,7 +59,11 @@ def test_smoke_runs_every_row_and_losses_agree(tmp_path):
         else:
             assert rel[0] <= bench.CROSS_RTOL, (key, ours["losses"], ref["losses"])
     # The fp32 rows always give an all-steps, tight comparison with PEFT.
-    tight = {c["row"] for c in data["loss_checks"] if c["steps_checked"] == steps and c["rtol"] == bench.SAME_RTOL}
+    tight = {
+        c["row"]
+        for c in data["loss_checks"]
+        if c["steps_checked"] == steps and c["rtol"] == bench.SAME_RTOL
+    }
     assert {"lorafit-fp32", "lorafit-dora-fp32"} <= tight
     assert data["losses_agree"] is True
 
@@ -63,11 +75,18 @@ def test_loss_check_flags_a_disagreement():
         return {"row": key, "T": 32, "precision": precision, "losses": losses}
 
     good = [2.0, 1.9, 1.8]
-    results = {("peft-fp32", 32): result("peft-fp32", "fp32", good),
-               ("lorafit-fp32", 32): result("lorafit-fp32", "fp32", [2.0, 1.9, 1.8 * 1.01]),  # 1% off at step 3
-               ("lorafit", 32): result("lorafit", "bf16", [2.0 * 1.01, 1.5, 1.5])}  # bf16: step 1 only
+    results = {
+        ("peft-fp32", 32): result("peft-fp32", "fp32", good),
+        ("lorafit-fp32", 32): result(
+            "lorafit-fp32", "fp32", [2.0, 1.9, 1.8 * 1.01]
+        ),  # 1% off at step 3
+        ("lorafit", 32): result("lorafit", "bf16", [2.0 * 1.01, 1.5, 1.5]),
+    }  # bf16: step 1 only
     _, checks = bench.check_losses(results)
     verdict = {c["row"]: c["agree"] for c in checks}
     assert verdict == {"lorafit-fp32": False, "lorafit": True}
     results["lorafit", 32]["losses"][0] = 2.0 * 1.03  # 3% off at step 1: beyond the bf16 tolerance
-    assert {c["row"]: c["agree"] for c in bench.check_losses(results)[1]} == {"lorafit-fp32": False, "lorafit": False}
+    assert {c["row"]: c["agree"] for c in bench.check_losses(results)[1]} == {
+        "lorafit-fp32": False,
+        "lorafit": False,
+    }

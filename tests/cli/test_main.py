@@ -12,9 +12,11 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model, data = write_tiny_chat_model(root / "model"), write_chat_data(root / "data.jsonl")
     config = root / "run.yaml"
-    config.write_text(f"model:\n  name: {model}\ndata:\n  train: {data}\nlora:\n  r: 4\n"
-                      f"train:\n  output_dir: {root / 'run'}\n  max_steps: 6\n  batch_size: 4\n  lr: 0.01\n"
-                      "  eval_every: 0\n  tensorboard: false\n")
+    config.write_text(
+        f"model:\n  name: {model}\ndata:\n  train: {data}\nlora:\n  r: 4\n"
+        f"train:\n  output_dir: {root / 'run'}\n  max_steps: 6\n  batch_size: 4\n  lr: 0.01\n"
+        "  eval_every: 0\n  tensorboard: false\n"
+    )
     assert main(["train", str(config), "--no-progress"]) == 0
     return root, config
 
@@ -29,7 +31,11 @@ def test_every_command_documents_its_options(command, capsys):
         if action.dest != "help":
             assert action.help, f"{command} {action.dest} has no help"
     if command == "train":  # every config option, with its default and docstring
-        assert "lora_plus_ratio" in text and "gradient_checkpointing" in text and "default 0.0002" in text
+        assert (
+            "lora_plus_ratio" in text
+            and "gradient_checkpointing" in text
+            and "default 0.0002" in text
+        )
 
 
 def test_inspect(trained, capsys):
@@ -62,8 +68,20 @@ def test_merge_writes_plain_model_equal_to_adapter(trained, capsys):
 
 def test_generate_and_eval(trained, capsys):
     root, config = trained
-    assert main(["generate", "--adapter", str(root / "run" / "adapter"), "--prompt", "name a colour",
-                 "--max-new-tokens", "5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(root / "run" / "adapter"),
+                "--prompt",
+                "name a colour",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert "### name a colour" in capsys.readouterr().out
     assert main(["eval", str(config)]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -78,7 +96,13 @@ def test_chat_reads_until_exit(trained):
     root, _ = trained
     model, tok = load_for_inference(adapter=str(root / "run" / "adapter"))
     out = io.StringIO()
-    chat(model, tok, stdin=io.StringIO("hello\n/reset\nname a colour\n/exit\n"), stdout=out, max_new_tokens=3)
+    chat(
+        model,
+        tok,
+        stdin=io.StringIO("hello\n/reset\nname a colour\n/exit\n"),
+        stdout=out,
+        max_new_tokens=3,
+    )
     assert out.getvalue().count("model> ") == 2
 
 
@@ -102,10 +126,15 @@ def test_merge_of_a_base_without_tokenizer_writes_the_weights(tmp_path, capsys):
     model = write_tiny_chat_model(tmp_path / "model")
     adapter = write_random_adapter(model, tmp_path / "adapter")
     for f in model.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")) or f.name in ("vocab.json", "merges.txt"):
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name in (
+            "vocab.json",
+            "merges.txt",
+        ):
             f.unlink()
     out = tmp_path / "merged"
-    assert main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
     assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
     assert "weights only" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(out) is not None
@@ -131,16 +160,46 @@ def test_merge_on_a_full_disk_is_one_line_and_leaves_the_old_output(tmp_path, ca
     err = capsys.readouterr().err
     (line,) = [ln for ln in err.splitlines() if "error" in ln]  # (progress bars aside)
     assert code == 2 and line.startswith("lorafit merge: error: ") and "Traceback" not in err, err
-    assert f"cannot write {out}" in line and "No space left on device" in line and "No space left on device" in err
+    assert (
+        f"cannot write {out}" in line
+        and "No space left on device" in line
+        and "No space left on device" in err
+    )
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
     assert [p.name for p in out.iterdir()] == ["old.txt"]  # the previous output is intact
 
 
 def test_train_into_a_read_only_place_is_one_line(tmp_path, capsys):
     model, data = write_tiny_chat_model(tmp_path / "model"), write_chat_data(tmp_path / "d.jsonl")
-    code = main(["train", "--set", f"model.name={model}", "--set", f"data.train={data}",
-                 "--set", "train.output_dir=/sys/lorafit-test/run", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--set",
+            f"model.name={model}",
+            "--set",
+            f"data.train={data}",
+            "--set",
+            "train.output_dir=/sys/lorafit-test/run",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     (line,) = [ln for ln in err.splitlines() if "error" in ln]
     assert code == 2 and line.startswith("lorafit train: error: ") and "Traceback" not in err, err
     assert "/sys/lorafit-test" in line
+
+
+def test_generate_uses_the_adapter(tmp_path, capsys):
+    from helpers import write_random_adapter
+    from lorafit.infer import generate, load_for_inference
+
+    model = write_tiny_chat_model(tmp_path / "model")
+    adapter = write_random_adapter(model, tmp_path / "adapter")
+    args = ["--prompt", "name a colour", "--max-new-tokens", "6"]
+    assert main(["generate", "--adapter", str(adapter), *args]) == 0
+    tuned = capsys.readouterr().out
+    assert main(["generate", "--model", str(model), *args]) == 0
+    base = capsys.readouterr().out
+    net, tok = load_for_inference(adapter=str(adapter))
+    expected = generate(net, tok, ["name a colour"], max_new_tokens=6)[0]
+    assert tuned == f"### name a colour\n{expected}\n\n" and tuned != base

@@ -16,8 +16,12 @@ def setup(tmp_path_factory):
     data = write_chat_data(root / "data.jsonl", n=12)
     cfg = load_run_config(
         None,
-        [f"model.name={model}", f"data.train={data}", f"train.output_dir={root / 'run'}",
-         "train.precision=fp32"],
+        [
+            f"model.name={model}",
+            f"data.train={data}",
+            f"train.output_dir={root / 'run'}",
+            "train.precision=fp32",
+        ],
     )
     return cfg, write_random_adapter(model, root / "adapter"), data
 

@@ -45,7 +45,9 @@ def test_base_is_the_recorded_local_folder(base_and_adapter):
 
 
 def test_missing_base_falls_back_to_the_alias_of_the_same_source(tmp_path):
-    (tmp_path / "lorafit_base.json").write_text(json.dumps({"alias": "smollm2", "sha256": "ab" * 32}))
+    (tmp_path / "lorafit_base.json").write_text(
+        json.dumps({"alias": "smollm2", "sha256": "ab" * 32})
+    )
     assert base_of(tmp_path, "/elsewhere/cache/SmolLM2") == "smollm2"
     # Adapters written before the base was recorded as a folder name the hub id.
     assert base_of(tmp_path / "old", "HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2"
@@ -56,3 +58,20 @@ def test_missing_base_without_alias_names_the_source(tmp_path):
     (tmp_path / "lorafit_base.json").write_text(json.dumps(identity))
     with pytest.raises(FileNotFoundError, match=r"my\.gguf, sha256 cdcdcd.*pass --model"):
         base_of(tmp_path, "/elsewhere/model")
+
+
+def test_adapter_records_the_base_identity_and_loads_in_peft_offline(base_and_adapter):
+    import hashlib
+
+    from peft import AutoPeftModelForCausalLM
+
+    model_dir, adapter = base_and_adapter
+    identity = json.loads((adapter / "lorafit_base.json").read_text())
+    weights = (model_dir / "model.safetensors").read_bytes()
+    assert identity["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert (
+        identity["local_path"] == str(model_dir) and identity["source_file"] == "model.safetensors"
+    )
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()  # no hub: offline
+    net, _ = load_for_inference(adapter=str(adapter), merged=False)
+    torch.testing.assert_close(logits(peft_model), logits(net), atol=1e-5, rtol=1e-5)

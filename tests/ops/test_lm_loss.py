@@ -20,7 +20,9 @@ def test_linear_cross_entropy_equals_reference_loss_and_grads(bias, chunk):
     assert got.item() == pytest.approx(ref.item(), rel=1e-12)
     params = [h, *head.parameters()]
     want = torch.autograd.grad(2.5 * ref, params)
-    have = torch.autograd.grad(2.5 * got, params)  # an upstream factor (loss weighting) scales every grad
+    have = torch.autograd.grad(
+        2.5 * got, params
+    )  # an upstream factor (loss weighting) scales every grad
     for w, g in zip(want, have):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
@@ -30,7 +32,9 @@ def test_linear_cross_entropy_gradcheck():
     head = nn.Linear(4, 5).double()
     h = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 5, (6,))
-    torch.autograd.gradcheck(lambda x, w, b: linear_cross_entropy(x, _Lin(w, b), t, 4), (h, head.weight, head.bias))
+    torch.autograd.gradcheck(
+        lambda x, w, b: linear_cross_entropy(x, _Lin(w, b), t, 4), (h, head.weight, head.bias)
+    )
 
 
 class _Lin(nn.Linear):
@@ -57,10 +61,21 @@ def test_fused_head_loss_matches_full_logits_loss_on_a_lora_model(autocast):
             if fused:
                 loss = causal_lm_loss(model, batch, chunk=5)[0]
             else:
-                logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-                loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+                logits = (
+                    model(input_ids=ids, attention_mask=batch["attention_mask"])
+                    .logits[:, :-1]
+                    .float()
+                )
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+                )
         loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(
+            (
+                loss.item(),
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+            )
+        )
     tol = 2e-2 if autocast else 1e-5
     assert results[0][0] == pytest.approx(results[1][0], rel=tol / 10)
     for name, g in results[1][1].items():

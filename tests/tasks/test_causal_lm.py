@@ -17,9 +17,17 @@ def model_and_tokenizer():
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return LlamaForCausalLM(cfg).eval(), tok
 
 
@@ -35,7 +43,11 @@ def test_evaluate_of_nothing_is_empty():
 def test_per_row_adapters_in_one_generate_call(model_and_tokenizer):
     model, tok = model_and_tokenizer
     for name in ("a", "b"):
-        inject(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), name)
+        inject(
+            model,
+            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            name,
+        )
     randomize_adapters(model, scale=2.0)
     prompts = ["hello there", "name a colour", "what is the capital of France?"]
     rows = ["a", "__base__", "b"]
@@ -51,5 +63,11 @@ def test_per_row_adapters_in_one_generate_call(model_and_tokenizer):
             set_active(model, name)
             alone += generate(model, tok, [prompt], max_new_tokens=6)
     assert mixed == alone
+    # The choice matters: every prompt reads differently under each adapter and the base.
+    each = [
+        generate(model, tok, prompts, max_new_tokens=6, adapter_names=[n] * 3)
+        for n in ("a", "b", "__base__")
+    ]
+    assert all(len({out[i] for out in each}) == 3 for i in range(3))
     with pytest.raises(ValueError, match="adapter names for 3 prompts"):
         generate(model, tok, prompts, adapter_names=["a"])

@@ -8,11 +8,21 @@ import random
 import pytest
 
 from lorafit.tasks import metrics as metrics
-from lorafit.tasks.metrics import (accuracy, cider, corpus_bleu, generation_scores, macro_f1, meteor,
-                             perplexity, rouge_l, token_accuracy)
+from lorafit.tasks.metrics import (
+    accuracy,
+    cider,
+    corpus_bleu,
+    generation_scores,
+    macro_f1,
+    meteor,
+    perplexity,
+    rouge_l,
+    token_accuracy,
+)
 
 
 # ----------------------------------------------------------------- classification / LM helpers
+
 
 def test_accuracy():
     assert accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == 0.5
@@ -43,7 +53,8 @@ def test_macro_f1_matches_sklearn():
         labels = [rng.randrange(6) for _ in range(n)]
         preds = [rng.randrange(6) for _ in range(n)]
         assert macro_f1(preds, labels) == pytest.approx(
-            sk.f1_score(labels, preds, average="macro", zero_division=0))
+            sk.f1_score(labels, preds, average="macro", zero_division=0)
+        )
 
 
 def test_perplexity_and_token_accuracy():
@@ -61,12 +72,14 @@ def test_perplexity_and_token_accuracy():
 
 # ----------------------------------------------------------------- BLEU
 
+
 def test_bleu_by_hand():
     # hyp:  the cat sat on the mat   ref: the cat sat on a mat   (equal length, so BP = 1)
     # clipped n-gram precisions: 1-grams 5/6, 2-grams 3/5, 3-grams 2/4, 4-grams 1/3.
     expected = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
     assert corpus_bleu(["the cat sat on the mat"], [["the cat sat on a mat"]]) == pytest.approx(
-        expected, abs=1e-6)
+        expected, abs=1e-6
+    )
 
 
 def test_bleu_identical_is_100():
@@ -85,11 +98,15 @@ def test_bad_reference_shapes_are_refused():
 
 # ----------------------------------------------------------------- ragged references
 
-RAGGED_HYPS = ["the eagle is a cheap coffee shop near the river",
-               "zizzi is a family friendly pub"]
-RAGGED_REFS = [["loch fyne serves french food", "the mill is expensive",
-                "the eagle is a cheap coffee shop near the river"],
-               ["zizzi is a family friendly pub"]]
+RAGGED_HYPS = ["the eagle is a cheap coffee shop near the river", "zizzi is a family friendly pub"]
+RAGGED_REFS = [
+    [
+        "loch fyne serves french food",
+        "the mill is expensive",
+        "the eagle is a cheap coffee shop near the river",
+    ],
+    ["zizzi is a family friendly pub"],
+]
 
 
 def test_ragged_references_give_full_credit_for_third_reference():
@@ -118,22 +135,28 @@ def test_bleu_ragged_equals_padding_with_own_references():
 
 # ----------------------------------------------------------------- ROUGE-L
 
+
 def test_rouge_l_by_hand():
     # LCS("the cat was found under the bed", "the cat was under the bed") = 6 words:
     # P = 6/7, R = 6/6, F1 = 2PR/(P+R) = 12/13.
-    assert rouge_l(["the cat was found under the bed"], [["the cat was under the bed"]]) == \
-        pytest.approx(12 / 13)
+    assert rouge_l(
+        ["the cat was found under the bed"], [["the cat was under the bed"]]
+    ) == pytest.approx(12 / 13)
     # Best reference per hypothesis, then the mean: (12/13 + 0) / 2.
-    assert rouge_l(["the cat was found under the bed", "red"],
-                   [["dogs bark", "the cat was under the bed"], ["blue"]]) == pytest.approx(6 / 13)
+    assert rouge_l(
+        ["the cat was found under the bed", "red"],
+        [["dogs bark", "the cat was under the bed"], ["blue"]],
+    ) == pytest.approx(6 / 13)
 
 
 # ----------------------------------------------------------------- METEOR
 
+
 def test_meteor_identical_and_known_values():
     # Identical 6-word sentence: F = 1, one chunk, penalty 0.5 * (1/6)^3.
     assert meteor(["The cat sat on the mat"], [["The cat sat on the mat"]]) == pytest.approx(
-        1 - 0.5 / 216)
+        1 - 0.5 / 216
+    )
     # nltk's documented value for this reordering (Wikipedia's METEOR example).
     assert meteor(["on the mat sat the cat"], [["The cat sat on the mat"]]) == pytest.approx(0.5)
     assert meteor(["John loves Mary"], [["the candidate has no alignment"]]) == 0.0
@@ -143,11 +166,13 @@ def test_meteor_exact_and_stem_by_hand():
     # "the shop is here" vs "the store is here" without synonyms: 3 of 4 words match, P = R =
     # 3/4, chunks {the} {is here} = 2, penalty 0.5 * (2/3)^3.
     expected = 0.75 * (1 - 0.5 * (2 / 3) ** 3)
-    assert meteor(["the shop is here"], [["the store is here"]], synonyms=False) == \
-        pytest.approx(expected)
+    assert meteor(["the shop is here"], [["the store is here"]], synonyms=False) == pytest.approx(
+        expected
+    )
     # "opening" / "opened" share the Porter stem "open", so all 3 words match in 1 chunk.
-    assert meteor(["shops opened today"], [["shops opening today"]], synonyms=False) == \
-        pytest.approx(1 - 0.5 / 27)
+    assert meteor(
+        ["shops opened today"], [["shops opening today"]], synonyms=False
+    ) == pytest.approx(1 - 0.5 / 27)
 
 
 def test_meteor_synonyms_from_wordnet():
@@ -165,6 +190,7 @@ def test_meteor_warns_without_wordnet(monkeypatch):
 
 
 # ----------------------------------------------------------------- CIDEr
+
 
 def test_cider_by_hand():
     # Two examples, so idf = ln 2 - ln(df) and every n-gram below has weight ln 2.
@@ -192,8 +218,10 @@ def test_cider_matches_pycocoevalcap():
     for _ in range(10):
         n = rng.randint(2, 8)
         hyps = [" ".join(rng.choices(vocab, k=rng.randint(1, 12))) for _ in range(n)]
-        refs = [[" ".join(rng.choices(vocab, k=rng.randint(1, 12)))
-                 for _ in range(rng.randint(1, 4))] for _ in range(n)]
+        refs = [
+            [" ".join(rng.choices(vocab, k=rng.randint(1, 12))) for _ in range(rng.randint(1, 4))]
+            for _ in range(n)
+        ]
         gts = {i: [" ".join(metrics._words(x)) for x in r] for i, r in enumerate(refs)}
         res = {i: [" ".join(metrics._words(h))] for i, h in enumerate(hyps)}
         expected, _ = Cider().compute_score(gts, res)
@@ -202,15 +230,25 @@ def test_cider_matches_pycocoevalcap():
 
 # ----------------------------------------------------------------- all four
 
+
 def test_generation_scores_scales():
-    hyps = ["The Eagle is a cheap coffee shop near Burger King.",
-            "Zizzi is a pub with a low customer rating.",
-            "Loch Fyne serves French food in the city centre."]
-    refs = [["The Eagle is a cheap coffee shop near Burger King.",
-             "Near Burger King there is a low-priced coffee shop called The Eagle."],
-            ["Zizzi is a pub rated low by customers."],
-            ["Loch Fyne is a French restaurant.", "In the city centre, Loch Fyne serves French food.",
-             "Loch Fyne, in the centre of the city, offers French cuisine."]]
+    hyps = [
+        "The Eagle is a cheap coffee shop near Burger King.",
+        "Zizzi is a pub with a low customer rating.",
+        "Loch Fyne serves French food in the city centre.",
+    ]
+    refs = [
+        [
+            "The Eagle is a cheap coffee shop near Burger King.",
+            "Near Burger King there is a low-priced coffee shop called The Eagle.",
+        ],
+        ["Zizzi is a pub rated low by customers."],
+        [
+            "Loch Fyne is a French restaurant.",
+            "In the city centre, Loch Fyne serves French food.",
+            "Loch Fyne, in the centre of the city, offers French cuisine.",
+        ],
+    ]
     scores = generation_scores(hyps, refs)
     assert set(scores) == {"bleu", "rouge_l", "meteor", "cider"}
     assert 10 < scores["bleu"] < 100  # 0-100 scale, not 0-1

@@ -60,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype)
     task = get_task(model.lorafit_task)
-    if task.name != "causal-lm":  # e.g. classification: one output per input line
+    if not task.generative:  # e.g. classification: one output per input line
         texts = args.prompt or [line.strip() for line in sys.stdin if line.strip()]
         for text, label in zip(texts, task.infer(model, tokenizer, texts)):
             print(f"{label}\t{text}")

@@ -41,6 +41,15 @@ def _config_reference() -> str:
     return "\n".join(lines)
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override one config option, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning on small hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,12 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a model with LoRA as the YAML config says.",
     )
     t.add_argument("config", nargs="?", help="YAML run config (sections model, data, lora, train)")
-    t.add_argument(
-        "--set",
-        action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="override one config option, e.g. --set train.lr=1e-4 (repeatable)",
-    )
+    _add_overrides(t)
     t.add_argument(
         "--resume",
         nargs="?",
@@ -80,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate on the run's validation split or on --data.",
     )
     e.add_argument("config", nargs="?", help="the YAML run config the adapter was trained with")
-    e.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config option"
-    )
+    _add_overrides(e)
     e.add_argument(
         "--adapter",
         help="adapter folder (default: <train.output_dir>/adapter; 'none' for the base model)",

@@ -10,9 +10,9 @@ from torch import nn
 from lorafit.models import alias_for, load_model
 from lorafit.tasks import Task, get_task, task_names
 from lorafit.tuner import load_adapter, merge, read_adapter
+from lorafit.tuner.peft_format import BASE_FILE
 
 LABELS_FILE = "labels.json"  # label names of a classification adapter or model, in head order
-BASE_FILE = "lorafit_base.json"  # identity of the base an adapter was trained on
 
 
 def task_of(folder: Path | None, peft_task_type: str | None) -> Task:

@@ -32,9 +32,9 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
-        xf = x.to(_acc(x))                                               # (..., H) fp32 (or fp64)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)      # (..., 1)
-        y = weight * (xf * rstd).to(x.dtype)                             # as transformers computes it
+        xf = x.to(_acc(x))  # (..., H) fp32 (or fp64)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        y = weight * (xf * rstd).to(x.dtype)  # as transformers computes it
         ctx.save_for_backward(x, weight, rstd)
         ctx.weight_grad = weight.requires_grad
         return y.to(out_dtype)
@@ -43,7 +43,7 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         xf, dyf = x.to(_acc(x)), dy.to(_acc(x))
-        n = xf * rstd                                                    # (..., H)
+        n = xf * rstd  # (..., H)
         dn = dyf * weight.to(_acc(x))
         dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
         dw = (dyf * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype) if ctx.weight_grad else None
@@ -69,7 +69,11 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out_dtype = (
+        torch.get_autocast_dtype(x.device.type)
+        if torch.is_autocast_enabled(x.device.type)
+        else x.dtype
+    )
     return _RMSNorm.apply(x, weight, eps, out_dtype)
 
 
@@ -95,7 +99,7 @@ class _Recompute:
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
     def tensor(self) -> torch.Tensor:
-        h = F.silu(self.gate) * self.up                                  # same op, same numbers
+        h = F.silu(self.gate) * self.up  # same op, same numbers
         return h.as_strided(self.size, self.stride, self.offset)
 
 
@@ -107,7 +111,10 @@ def _mlp_forward_recompute(self, x: torch.Tensor) -> torch.Tensor:
     # Autograd keeps the hooks alive with every tensor they saved, so they must not refer to h
     # (or its storage): only its address and dtype, valid while h is alive (this forward call).
     ptr, dtype = h.untyped_storage().data_ptr(), h.dtype
-    g, u = gate.detach(), up.detach()  # the SwiGLU backward keeps these tensors already: no new memory
+    g, u = (
+        gate.detach(),
+        up.detach(),
+    )  # the SwiGLU backward keeps these tensors already: no new memory
 
     def pack(t: torch.Tensor):
         same = t.untyped_storage().data_ptr() == ptr and t.dtype == dtype
@@ -122,14 +129,21 @@ def _mlp_forward_recompute(self, x: torch.Tensor) -> torch.Tensor:
 
 def _is_rms_norm(module: nn.Module) -> bool:
     # Llama, Mistral, Qwen2/3, SmolLM ... share this exact definition (weight * normalised input).
-    return (type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-            and hasattr(module, "variance_epsilon"))
+    return type(module).__name__ in (
+        "LlamaRMSNorm",
+        "MistralRMSNorm",
+        "Qwen2RMSNorm",
+        "Qwen3RMSNorm",
+    ) and hasattr(module, "variance_epsilon")
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
-    return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-            and type(act).__name__ in ("SiLU", "SiLUActivation") and type(module).__name__.endswith("MLP"))
+    return (
+        all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+        and type(act).__name__ in ("SiLU", "SiLUActivation")
+        and type(module).__name__.endswith("MLP")
+    )
 
 
 def patch_model(model: nn.Module, recompute_swiglu: bool = False) -> int:

@@ -26,12 +26,21 @@ IGNORE_INDEX = -100
 def supports_chunked_head(model: nn.Module) -> bool:
     """True when logits are exactly `lm_head(decoder(x))`, so the head can be applied in chunks."""
     cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(model, "get_output_embeddings") or not hasattr(model, "base_model"):
+    if (
+        cfg is None
+        or not hasattr(model, "get_output_embeddings")
+        or not hasattr(model, "base_model")
+    ):
         return False
     if model.base_model is model or model.get_output_embeddings() is None:
         return False
     # Heads that scale or soft-cap logits (Gemma 2/3, Cohere, Granite, ...) are computed by the model.
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+    for attr in (
+        "final_logit_softcapping",
+        "logit_scale",
+        "logits_scaling",
+        "output_multiplier_scale",
+    ):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             return False
     return True
@@ -44,9 +53,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, chunk):
         # Matmuls run in the dtype autocast would pick (bf16 under bf16 autocast), CE math in fp32:
         # the same numbers as `F.cross_entropy(head(hidden).float(), target)` under autocast.
-        dtype = torch.get_autocast_dtype(hidden.device.type) \
-            if torch.is_autocast_enabled(hidden.device.type) else torch.promote_types(hidden.dtype, weight.dtype)
-        acc = torch.promote_types(dtype, torch.float32)                  # CE math: fp32 (fp64 stays fp64)
+        dtype = (
+            torch.get_autocast_dtype(hidden.device.type)
+            if torch.is_autocast_enabled(hidden.device.type)
+            else torch.promote_types(hidden.dtype, weight.dtype)
+        )
+        acc = torch.promote_types(dtype, torch.float32)  # CE math: fp32 (fp64 stays fp64)
         W, h_all = weight.to(dtype), hidden.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         want_w = weight.requires_grad
@@ -56,15 +68,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = h_all[start:start + chunk], target[start:start + chunk]
-            logits = F.linear(h, W, b).to(acc)                           # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)                         # (n,)
+            h, t = h_all[start : start + chunk], target[start : start + chunk]
+            logits = F.linear(h, W, b).to(acc)  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()                      # softmax, in place
-            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0    # d(sum CE)/d logits
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # d(sum CE)/d logits
             g = probs.to(dtype)
             if grad_h is not None:
-                grad_h[start:start + chunk] = (g @ W).to(hidden.dtype)
+                grad_h[start : start + chunk] = (g @ W).to(hidden.dtype)
             if want_w:
                 grad_w += (g.T @ h).to(acc)
             if want_b:
@@ -75,32 +87,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = [None if g is None else (g * grad_out).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+        grads = [
+            None if g is None else (g * grad_out).to(dt)
+            for g, dt in zip(ctx.saved_tensors, ctx.dtypes)
+        ]
         return grads[0], grads[1], grads[2], None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, chunk: int) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `target` (n,), without keeping any logits."""
     return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, target, chunk)
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()                                        # (n, V)
+    logits = head(hidden).float()  # (n, V)
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def _chunk_loss_and_hits(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
-    logits = head(hidden).float()                                        # (n, V)
+    logits = head(hidden).float()  # (n, V)
     return F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum()
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048,
-                   need_accuracy: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+def causal_lm_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048, need_accuracy: bool = False
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """(mean next-token loss over labelled tokens, number of labelled tokens, correct predictions)."""
-    labels = batch["labels"]                                             # (B, T)
+    labels = batch["labels"]  # (B, T)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    target = labels[:, 1:]                                               # (B, T-1)
-    keep = target != IGNORE_INDEX                                        # (B, T-1)
+    target = labels[:, 1:]  # (B, T-1)
+    keep = target != IGNORE_INDEX  # (B, T-1)
     n = int(keep.sum())
     if not supports_chunked_head(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
@@ -108,15 +126,17 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int 
         correct = (logits[keep].argmax(-1) == target[keep]).sum() if need_accuracy else None
         return loss / max(n, 1), n, correct
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    hidden = hidden[:, :-1][keep]                                        # (n, H)
-    target = target[keep]                                                # (n,)
+    hidden = hidden[:, :-1][keep]  # (n, H)
+    target = target[keep]  # (n,)
     head = model.get_output_embeddings()
-    if torch.is_grad_enabled() and not need_accuracy and type(head) is nn.Linear:  # training: no logits kept
+    if (
+        torch.is_grad_enabled() and not need_accuracy and type(head) is nn.Linear
+    ):  # training: no logits kept
         return linear_cross_entropy(hidden, head, target, chunk) / max(n, 1), n, None
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, n, chunk):
-        h, t = hidden[start:start + chunk], target[start:start + chunk]
+        h, t = hidden[start : start + chunk], target[start : start + chunk]
         if need_accuracy:  # evaluation: no graph, and the argmax is wanted
             part, hits = _chunk_loss_and_hits(head, h, t)
             correct = correct + hits

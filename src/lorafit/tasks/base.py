@@ -25,6 +25,8 @@ class Task:
     """PEFT's task_type written into adapter_config.json (CAUSAL_LM, SEQ_CLS, ...)."""
     head: ClassVar[str]
     """The model head `lorafit.models.load_model` builds for this task."""
+    generative: ClassVar[bool] = False
+    """True when outputs are generated text (interactive chat makes sense)."""
     needs_labels_before_model: ClassVar[bool] = False
     """True when the label set (read from the data) decides the model's head size."""
 

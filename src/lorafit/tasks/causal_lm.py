@@ -27,6 +27,7 @@ class CausalLM(Task):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
     head = "causal-lm"
+    generative = True
 
     def build_examples(self, records: Sequence[dict], tokenizer, data, labels=None):
         if not records:
@@ -122,7 +123,7 @@ def generate(
                 add_special_tokens=False,  # the rendered text already holds BOS where one belongs
             ).to(device)
             rows = adapter_names[start : start + batch_size] if adapter_names else None
-            with adapter_rows(rows):
+            with adapter_rows(rows, model):
                 out = model.generate(**enc, **kwargs)  # (B, T + new)
             new = out[:, enc["input_ids"].shape[1] :]
             outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

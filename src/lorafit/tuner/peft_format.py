@@ -36,6 +36,7 @@ from lorafit.tuner.variants import registered_variants, update_variant, variants
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_FILE = "lorafit_base.json"  # the base's identity: local folder, source file, sha256, hub id
 PREFIX = "base_model.model."
 PEFT_FORMAT_VERSION = "0.21.2"
 """The PEFT release whose adapter format this module writes (its `peft_version` field)."""
@@ -141,6 +142,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
     metadata = {"format": "pt"}
     write_file(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     write_text(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    base = model.__dict__.get("lorafit_base")  # set by lorafit.models.load_model
+    if base:  # beside PEFT's files (PEFT warns on unknown config keys): which base, exactly
+        write_text(folder / BASE_FILE, json.dumps(base, indent=2, sort_keys=True) + "\n")
     return folder
 
 

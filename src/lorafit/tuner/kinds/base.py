@@ -18,8 +18,10 @@ import math
 import torch
 from torch import nn
 
+from lorafit.tuner.registered import Registered
 
-class LayerKind:
+
+class LayerKind(Registered):
     """One family of wrappable base modules. Subclasses set the class attributes and implement
     `fan_dims`, `weight`, `write_weight`, `branch`, `base_op` and `probe`."""
 
@@ -119,13 +121,6 @@ class LayerKind:
     def probe(self, module: nn.Module, gen: torch.Generator) -> torch.Tensor:
         """A small random input, to compare merged and unmerged outputs."""
         raise NotImplementedError
-
-    # Kinds are registry singletons: copies of a model share them.
-    def __copy__(self) -> LayerKind:
-        return self
-
-    def __deepcopy__(self, memo: dict) -> LayerKind:
-        return self
 
     def __repr__(self) -> str:
         return f"<layer kind {self.name}>"

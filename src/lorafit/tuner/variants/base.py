@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lorafit.tuner.registered import Registered
+
 if TYPE_CHECKING:
     from lorafit.tuner.kinds.base import LayerKind
     from lorafit.tuner.layer import LoraAdapter, LoraLayer
 
 
-class Variant:
+class Variant(Registered):
     """The hooks of one LoRA variant; this base class is plain LoRA."""
 
     name: str = "lora"
@@ -95,13 +97,6 @@ class Variant:
 
     def from_file(self, ad: LoraAdapter, parts: dict[str, torch.Tensor]) -> None:
         """Copy this variant's tensors from a file into a freshly added adapter."""
-
-    # Variants are registry singletons: copies of a model share them.
-    def __copy__(self) -> Variant:
-        return self
-
-    def __deepcopy__(self, memo: dict) -> Variant:
-        return self
 
     def __repr__(self) -> str:
         return f"<LoRA variant {self.name}>"
