@@ -233,3 +233,38 @@ def write_random_adapter(model_folder: Path, adapter_folder: Path, seed: int = 0
     randomize_adapters(model, seed=seed, scale=0.5)
     save_adapter(model, adapter_folder)
     return adapter_folder
+
+
+# --- a word-level tokenizer and a Llama sized for it (the models/ tests) ---------------------------
+WORDS = ["[UNK]", "[PAD]", "</s>", "hello", "world", "the", "a", "cat", "sat", "on", "mat"]
+
+
+def word_tokenizer(pad: bool):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"pad_token": "[PAD]"} if pad else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>", **extra
+    )
+
+
+def word_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()

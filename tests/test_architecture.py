@@ -130,3 +130,23 @@ def test_the_checker_sees_deferred_imports_and_cycles(tmp_path):
     path.write_text(code)
     assert imports_of("lorafit.tuner.mod", path, {"lorafit.cli": path}) == {"lorafit.cli"}
     assert layer_of("lorafit.cli") > layer_of("lorafit.tuner.mod")
+
+
+def package_imports() -> dict[str, set[str]]:
+    """{package: the other packages it imports}, from the module graph."""
+    out: dict[str, set[str]] = {layer: set() for layer in LAYERS}
+    for name, deps in graph().items():
+        if name in TOP:
+            continue
+        mine = name.split(".")[1]
+        out[mine] |= {d.split(".")[1] for d in deps if d not in TOP and d.split(".")[1] != mine}
+    return out
+
+
+def test_architecture_md_import_table_is_true():
+    rows = {}
+    for line in (SRC.parent / "ARCHITECTURE.md").read_text().splitlines():
+        m = re.fullmatch(r"\| `(\w+)` \| ([^|]*) \|", line.strip())
+        if m and m.group(1) in LAYERS:
+            rows[m.group(1)] = set(re.findall(r"\b(" + "|".join(LAYERS) + r")\b", m.group(2)))
+    assert rows == {k: v for k, v in package_imports().items() if k != "atomic"}

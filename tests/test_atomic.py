@@ -1,10 +1,19 @@
 """The one writer: a failed write leaves the old target and no temporary behind."""
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
-from lorafit.atomic import WriteError, remove_leftovers, write_dir, write_file, write_json
+from lorafit.atomic import (
+    WriteError,
+    remove_dir,
+    remove_leftovers,
+    write_dir,
+    write_file,
+    write_json,
+)
 
 
 def names(folder):
@@ -81,3 +90,63 @@ def test_leftovers_are_removed_and_an_orphaned_old_version_restored(tmp_path):
     assert names(tmp_path) == ["adapter", "best"]
     assert (tmp_path / "adapter" / "w").read_text() == "only copy"
     assert not os.listdir(tmp_path / "best")
+
+
+def test_remove_dir_renames_away_before_deleting(tmp_path, monkeypatch):
+    target = tmp_path / "step-000005"
+    target.mkdir()
+    (target / "a").write_text("x")
+    (target / "b").write_text("y")
+    remove_dir(target)
+    assert names(tmp_path) == []
+    remove_dir(target)  # already gone: nothing to do
+
+    target.mkdir()
+    (target / "a").write_text("x")
+    (target / "b").write_text("y")
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "a").unlink()
+        raise KeyboardInterrupt  # the process dies with the folder half deleted
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        remove_dir(target)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    (left,) = names(tmp_path)  # never visible under its own name half deleted
+    assert left.startswith(".step-000005.del-") and not target.exists()
+    remove_leftovers(tmp_path)  # deleted, not restored (unlike an orphaned .old- folder)
+    assert names(tmp_path) == []
+
+
+def test_remove_dir_failure_is_a_write_error(tmp_path, monkeypatch):
+    target = tmp_path / "d"
+    target.mkdir()
+
+    def read_only(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "rename", read_only)
+    with pytest.raises(WriteError, match=f"cannot write {target}: .*Read-only file system"):
+        remove_dir(target)
+    monkeypatch.undo()
+    assert target.is_dir()
+
+
+def test_replacing_dir_keeps_the_old_folder_until_the_block_succeeds(tmp_path):
+    from lorafit.atomic import replacing_dir
+
+    target = tmp_path / "run"
+    target.mkdir()
+    (target / "w").write_text("old")
+    with pytest.raises(RuntimeError):
+        with replacing_dir(target) as folder:
+            folder.mkdir()
+            (folder / "w").write_text("half")
+            raise RuntimeError("killed")
+    assert (target / "w").read_text() == "old" and names(tmp_path) == ["run"]
+    with replacing_dir(target) as folder:
+        folder.mkdir()
+        (folder / "w").write_text("new")
+    assert (target / "w").read_text() == "new" and names(tmp_path) == ["run"]

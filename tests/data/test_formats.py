@@ -266,3 +266,52 @@ def test_a_new_format_is_one_registration(restore_formats, chat_tok):
     assert build_causal_lm_examples([record], chat_tok) == build_causal_lm_examples(
         [RECORDS["prompt_completion"]], chat_tok
     )
+
+
+def test_each_format_says_how_it_is_learned(restore_formats, chat_tok):
+    # batching.py tested format names ("classification", "text"); the kind is now the plug-in's.
+    from lorafit.data import KINDS
+
+    assert {name: f.kind for name, f in FORMATS.items()} == {
+        "messages": "chat",
+        "sharegpt": "chat",
+        "alpaca": "chat",
+        "prompt_completion": "chat",
+        "classification": "labelled",
+        "text": "document",
+    }
+    assert set(KINDS) == {"chat", "document", "labelled"}
+    register_format(
+        Format(
+            "sourced_text",
+            '{"text": "...", "source": "..."}',
+            ("text", "source"),
+            lambda r: None,
+            kind="document",
+        ),
+        before="classification",
+    )
+    record = {"text": "hello there", "source": "wiki"}
+    assert detect_format(record) == "sourced_text"
+    (example,) = build_causal_lm_examples([record], chat_tok)
+    assert example == build_causal_lm_examples([{"text": "hello there"}], chat_tok)[0]
+    assert example["labels"] == example["input_ids"]  # a document learns every token
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Format("x", "{}", ("x",), lambda r: None, kind="table")
+    with pytest.raises(ValueError, match="a 'chat' format needs to_messages"):
+        Format("x", "{}", ("x",), lambda r: None)
+
+
+def test_with_system_has_one_definition_used_by_sharegpt():
+    import lorafit.data
+    from lorafit.data import chat, formats
+
+    assert chat.with_system is formats.with_system is lorafit.data.with_system
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    for system in (None, "", "  "):
+        record = {"conversations": turns, "system": system}
+        assert to_messages(record) == formats.with_system(
+            to_messages({"conversations": turns}), system
+        )
+    record = {"conversations": turns, "system": "Be brief."}
+    assert to_messages(record)[0] == {"role": "system", "content": "Be brief."}

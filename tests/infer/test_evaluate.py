@@ -53,3 +53,29 @@ def test_references_are_grouped_per_prompt():
     ]
     prompts, refs = prompts_and_references(records)
     assert [p[-1]["content"] for p in prompts] == ["a", "b"] and refs == [["x", "z"], ["y"]]
+
+
+def test_eval_of_a_full_fine_tuning_run_scores_its_model_folder(tmp_path):
+    from lorafit.train import train
+
+    model = write_tiny_chat_model(tmp_path / "model")
+    data = write_chat_data(tmp_path / "data.jsonl", n=12)
+    sets = [
+        f"model.name={model}",
+        f"data.train={data}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.method=full",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.lr=0.05",
+        "train.precision=fp32",
+        "train.tensorboard=false",
+        "train.eval_every=0",
+    ]
+    cfg = load_run_config(None, sets)
+    result = train(cfg, progress=False)
+    tuned = evaluate_run(cfg)  # default: <output_dir>/model for a full run, on its val split
+    base = evaluate_run(cfg, adapter="none")
+    assert result.adapter_dir.name == "model"
+    assert tuned["loss"] == pytest.approx(result.final["val_loss"], rel=1e-4)
+    assert tuned["loss"] != pytest.approx(base["loss"], rel=1e-3)

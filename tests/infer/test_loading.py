@@ -75,3 +75,12 @@ def test_adapter_records_the_base_identity_and_loads_in_peft_offline(base_and_ad
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()  # no hub: offline
     net, _ = load_for_inference(adapter=str(adapter), merged=False)
     torch.testing.assert_close(logits(peft_model), logits(net), atol=1e-5, rtol=1e-5)
+
+
+def test_a_malformed_base_identity_file_is_a_clear_error(tmp_path):
+    (tmp_path / "lorafit_base.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        base_of(tmp_path, "/elsewhere/model")
+    (tmp_path / "lorafit_base.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        base_of(tmp_path, "/elsewhere/model")

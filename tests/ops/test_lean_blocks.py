@@ -50,17 +50,17 @@ def _run(recompute: bool, dropout: float, monkeypatch):
     """(SwiGLU outputs still alive after forward, loss, adapter grads) for a LoRA tiny Llama."""
     import weakref
 
-    import lorafit.ops.lean_blocks as kernels
+    import lorafit.ops.lean_blocks as lean_blocks
 
     outputs = []
-    real = kernels.swiglu
+    real = lean_blocks.swiglu
 
     def recording(gate, up):
         h = real(gate, up)
         outputs.append(weakref.ref(h))
         return h
 
-    monkeypatch.setattr(kernels, "swiglu", recording)
+    monkeypatch.setattr(lean_blocks, "swiglu", recording)
     model = tiny_llama()
     inject(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
     randomize_adapters(model)

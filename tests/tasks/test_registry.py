@@ -29,3 +29,12 @@ def test_a_new_task_is_one_registered_class():
         from lorafit.tasks import base
 
         base._TASKS.pop("echo-test")
+
+
+def test_a_folder_is_claimed_by_its_task_marker_files(tmp_path):
+    from lorafit.tasks import task_of_folder
+
+    assert task_of_folder(tmp_path).name == "causal-lm"  # unmarked: the default task
+    assert task_of_folder(tmp_path, "SEQ_CLS").name == "classification"
+    (tmp_path / "labels.json").write_text('["neg", "pos"]')
+    assert task_of_folder(tmp_path, "CAUSAL_LM").name == "classification"

@@ -1,5 +1,8 @@
 """Checkpoint folders: atomic, pruned to keep_last, incomplete ones never listed."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,3 +76,25 @@ def test_rng_state_round_trips():
     expected = (torch.rand(2), random.random())
     ckpt.set_rng_state(state)
     assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
+
+
+def test_a_kill_while_pruning_leaves_no_half_checkpoint_listed(model, tmp_path, monkeypatch):
+    # Pruning deleted step-… in place: a kill midway left a folder that had lost its adapter but
+    # kept trainer_state.pt, and list_checkpoints (so --resume) took it for a complete one.
+    for step in (5, 10):
+        ckpt.save_checkpoint(tmp_path, step, model, "default", {"step": step}, 2)
+
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "adapter_model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 15, model, "default", {"step": 15}, 2)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000010", "step-000015"]
+    ckpt.clean_partial(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-000010",
+        "step-000015",
+    ]

@@ -1,6 +1,7 @@
 """The run config: sections, types, did-you-mean, and the checks that need no model."""
 
 import pytest
+import torch
 
 from lorafit.tasks import task_names
 from lorafit.train.config import RunConfig, build_run_config, field_docs, load_run_config
@@ -60,3 +61,80 @@ def test_every_option_has_a_docstring():
         docs = field_docs(cls)
         fields = [f for f in cls.__dataclass_fields__]
         assert set(docs) == set(fields), name
+
+
+def test_set_with_invalid_yaml_is_a_value_error():
+    # `--set train.lr=[1` raised yaml's ParserError: a traceback instead of a one-line error.
+    from lorafit.train.config import parse_override
+
+    with pytest.raises(ValueError, match=r"^--set train.lr=\[1: not valid YAML \(.+\)$"):
+        parse_override("train.lr=[1")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_run_config(None, ["data.columns={a: b"])
+
+
+def test_a_section_with_no_body_takes_overrides(tmp_path):
+    # `lora:` with nothing under it loads as None; `--set lora.r=4` then said the section
+    # "must be a mapping".
+    path = tmp_path / "run.yaml"
+    path.write_text("lora:\ntrain:\n  max_steps: 3\n")
+    assert load_run_config(str(path)).lora.r == 16
+    cfg = load_run_config(str(path), ["lora.r=4", "model.dtype=float32"])
+    assert cfg.lora.r == 4 and cfg.train.max_steps == 3 and cfg.model.dtype == "float32"
+    with pytest.raises(ValueError, match="section 'lora' must be a mapping"):
+        build_run_config({"lora": []})  # only null means "no options"; other values are errors
+
+
+def test_a_type_error_from_a_section_is_a_value_error_naming_it(monkeypatch):
+    # A TypeError from a section's constructor escaped as a traceback; errors from every
+    # section were also all labelled "lora".
+    import dataclasses
+
+    from lorafit.train import config
+
+    @dataclasses.dataclass
+    class Strict(config.TrainOptions):
+        def __post_init__(self):
+            raise TypeError("lr must be a number, got a list")
+
+    monkeypatch.setitem(config.SECTIONS, "train", Strict)
+    with pytest.raises(ValueError) as info:
+        build_run_config({"train": {"lr": 1e-4}}, "run.yaml")
+    assert str(info.value) == "run.yaml: train: lr must be a number, got a list"
+    assert info.value.__cause__ is None
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"^run.yaml: lora: .*target_modules"):
+        build_run_config({"lora": {"target_modules": [["q_proj"]]}}, "run.yaml")
+
+
+def test_schedule_and_precision_choices_are_one_list_each():
+    from lorafit.ops.precision import PRECISIONS, resolve_precision
+    from lorafit.train import config, optim
+
+    assert optim.SCHEDULES is config.SCHEDULES
+    for name in config.SCHEDULES:
+        assert build_run_config({"train": {"schedule": name}}).train.schedule == name
+        assert optim.lr_factor(5, 10, 1, name) >= 0
+    assert config.PRECISIONS is PRECISIONS
+    for name in PRECISIONS:
+        assert build_run_config({"train": {"precision": name}}).train.precision == name
+        resolve_precision(name, torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.precision must be auto, fp32 or bf16"):
+        build_run_config({"train": {"precision": "fp16"}})
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="choose cosine, linear or constant"):
+        optim.lr_factor(0, 10, 1, "exp")
+
+
+def test_early_stopping_without_validation_has_one_message():
+    from lorafit.train.config import NO_VALIDATION_FILE, early_stopping_needs_validation
+    from lorafit.train.setup import _no_validation_reason
+
+    no_val = {"data": {"val_fraction": 0}, "train": {"early_stopping_patience": 2}}
+    with pytest.raises(ValueError) as info:
+        build_run_config(no_val, "run.yaml")
+    assert str(info.value) == "run.yaml: " + early_stopping_needs_validation(NO_VALIDATION_FILE)
+    assert _no_validation_reason(build_run_config({"data": {"val_fraction": 0}}), 10) == (
+        NO_VALIDATION_FILE
+    )

@@ -279,3 +279,20 @@ def test_resume_names_a_folder_that_is_not_a_checkpoint(tmp_path):
         find_checkpoint(tmp_path, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         find_checkpoint(tmp_path, True)
+
+
+def test_variants_that_cannot_resume_are_refused_by_name(make_cfg, tmp_path, monkeypatch):
+    # resume.py had its own PiSSA test (init_lora_weights.startswith("pissa")); which variants
+    # can resume is now the variant's own say (tuner.variants.resumable).
+    from lorafit.train.resume import check_same_run
+    from lorafit.tuner.variants import registered_variants
+
+    pissa = make_cfg(tmp_path, "lora.init_lora_weights=pissa_niter_2")
+    with pytest.raises(ValueError, match="resuming a PiSSA run is not supported"):
+        check_same_run(pissa.to_dict(), pissa, tmp_path)
+    dora = make_cfg(tmp_path, "lora.use_dora=true")
+    check_same_run(dora.to_dict(), dora, tmp_path)
+    (variant,) = [v for v in registered_variants() if v.label == "DoRA"]
+    monkeypatch.setattr(variant, "resumable", False)
+    with pytest.raises(ValueError, match="resuming a DoRA run is not supported"):
+        check_same_run(dora.to_dict(), dora, tmp_path)

@@ -10,6 +10,7 @@ from torch import nn
 
 from lorafit.tuner.layer import LoraLayer
 from lorafit.tuner.rows import rows_context
+from lorafit.tuner.variants import variants_for
 
 
 def _randomize(layer, seed=1):
@@ -23,7 +24,7 @@ def _two(base=None, dora_b=True):
     torch.manual_seed(0)
     layer = LoraLayer(base or nn.Linear(8, 6))
     layer.add_adapter("a", r=2, alpha=4)
-    layer.add_adapter("b", r=3, alpha=3, dora=dora_b)
+    layer.add_adapter("b", r=3, alpha=3, variants=variants_for({"use_dora": dora_b}))
     _randomize(layer)
     return layer
 

@@ -1,4 +1,7 @@
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +9,8 @@ from safetensors.torch import load_file
 
 from helpers import model_input, outputs, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 from lorafit import AdapterFileError, LoraConfig, LoraLayer, inject, load_adapter, save_adapter
-from lorafit.tuner.peft_format import PEFT_FORMAT_VERSION
+from lorafit.atomic import WriteError
+from lorafit.tuner.peft_format import PEFT_FORMAT_VERSION, PICKLED_SUFFIXES
 
 
 def _trained(make=tiny_llama, **kw):
@@ -137,23 +141,124 @@ def test_rank_config_mismatch(tmp_path):
         load_adapter(tiny_llama(), tmp_path / "ad")
 
 
-def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
-    model = _trained(target_modules=["q_proj"])
-    save_adapter(model, tmp_path / "ad")
-    good = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
-    randomize_adapters(model, seed=9)
+def _fail_config_write(monkeypatch):
+    """The adapter_config.json bytes cannot be written (whatever writes them)."""
+    write_text = Path.write_text
 
+    def failing(self, *a, **k):
+        if "adapter_config.json" in self.name:
+            raise OSError(errno.ENOSPC, "disk full")
+        return write_text(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+
+
+def _fail_config_rename(monkeypatch):
+    """adapter_config.json is complete but cannot be put in place."""
+    replace = os.replace
+
+    def failing(src, dst, *a, **k):
+        if Path(dst).name == "adapter_config.json":
+            raise OSError(errno.EIO, "disk full")
+        return replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", failing)
+
+
+def _fail_weights(monkeypatch):
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "disk full")
 
     monkeypatch.setattr("lorafit.tuner.peft_format.save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("fail", [_fail_weights, _fail_config_write, _fail_config_rename])
+@pytest.mark.parametrize("new_base", [None, {"source": "new.gguf"}])
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch, fail, new_base):
+    """A failed save leaves the folder exactly as it was (weights and config are one pair); a
+    successful one replaces the pair and lorafit_base.json (or removes a stale one), keeps the
+    user's other files, and puts the config in place last."""
+    model = _trained(target_modules=["q_proj"])
+    folder = tmp_path / "ad"
+    save_adapter(model, folder)
+    (folder / "lorafit_base.json").write_text('{"source": "old.gguf"}\n')  # the old adapter's
+    (folder / "labels.json").write_text('["a", "b"]\n')  # written by others next to the adapter
+    before = _files(folder)
+    randomize_adapters(model, seed=9)
+    model.lorafit_base = new_base
+    x = model_input("llama")
+    want = outputs(model, x)
+
+    with monkeypatch.context() as m:
+        fail(m)
+        with pytest.raises(OSError, match="disk full"):
+            save_adapter(model, folder)
+    assert _files(folder) == before  # nothing new, nothing left behind
+
+    placed = []
+    replace = os.replace
+
+    def recording(src, dst, *a, **k):
+        if Path(dst).parent == folder and not Path(dst).name.startswith("."):
+            placed.append(Path(dst).name)
+        return replace(src, dst, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", recording)
+        save_adapter(model, folder)
+    after = _files(folder)
+    assert placed[0] == "adapter_model.safetensors" and placed[-1] == "adapter_config.json"
+    assert after["labels.json"] == before["labels.json"]
+    assert after["adapter_model.safetensors"] != before["adapter_model.safetensors"]
+    if new_base is None:
+        assert sorted(after) == ["adapter_config.json", "adapter_model.safetensors", "labels.json"]
+    else:
+        assert json.loads(after["lorafit_base.json"]) == new_base
+        assert placed == ["adapter_model.safetensors", "lorafit_base.json", "adapter_config.json"]
+    fresh = tiny_llama()
+    load_adapter(fresh, folder)
+    torch.testing.assert_close(outputs(fresh, x), want, atol=0, rtol=0)
+
+
+def test_save_failure_names_the_file_not_the_temporary(tmp_path, monkeypatch):
+    model = _trained(target_modules=["q_proj"])
+    _fail_config_rename(monkeypatch)
+    with pytest.raises(WriteError, match=r"cannot write \S*/ad/adapter_config.json: disk full"):
         save_adapter(model, tmp_path / "ad")
-    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == good
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]
+    assert list((tmp_path / "ad").iterdir()) == []  # a first save that fails leaves nothing
+
+
+def test_bad_regex_in_an_adapter_config_is_an_adapter_file_error(tmp_path):
+    model = _trained(target_modules=["q_proj"])
+    save_adapter(model, tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for field, value in (("exclude_modules", "q_proj("), ("rank_pattern", {"q_proj(": 4})):
+        cfg_path.write_text(json.dumps({**cfg, field: value}))
+        victim = tiny_llama()
+        with pytest.raises(AdapterFileError, match=rf"{field}.*not a valid regular expression"):
+            load_adapter(victim, tmp_path / "ad")
+        assert not any(isinstance(m, LoraLayer) for m in victim.modules())
+
+
+@pytest.mark.parametrize("suffix", PICKLED_SUFFIXES)
+def test_pickled_weights_are_never_read(tmp_path, suffix):
+    assert set(PICKLED_SUFFIXES) == {".bin", ".pt", ".pth", ".ckpt"}
+    (tmp_path / f"adapter_model{suffix}").write_bytes(b"\x80\x04not really")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(AdapterFileError, match=rf"only pickled weights \(adapter_model\{suffix}\)"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "__base__", "default"])
+def test_load_adapter_checks_the_new_name_before_reading(tmp_path, name):
+    model = _trained(target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="adapter name|reserved|already has"):
+        load_adapter(model, tmp_path / "does-not-exist", name)  # the name is checked first
 
 
 def test_classifier_adapter_round_trip(tmp_path):

@@ -1,5 +1,6 @@
 import asyncio
 import copy
+import re
 import threading
 
 import pytest
@@ -21,6 +22,7 @@ from lorafit import (
     per_sample_adapters,
     set_active,
 )
+from lorafit.tuner.state import check_new_adapter_name
 
 
 def _two_adapters(seed=0):
@@ -264,3 +266,17 @@ def test_rows_reach_trained_copies():
     mixed = forward_with_adapters(model, ["b", "a"], **x).logits
     torch.testing.assert_close(mixed[0], singles["b"][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(mixed[1], singles["a"][1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "__base__", "a", 3])
+def test_one_check_for_new_adapter_names(name):
+    """inject, load_adapter and add_weighted_adapter refuse the same names, with one message."""
+    model = tiny_llama()
+    inject(model, LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    with pytest.raises(ValueError, match="adapter name|reserved|already has") as err:
+        check_new_adapter_name(model, name)
+    with pytest.raises(ValueError, match=re.escape(str(err.value))):
+        inject(model, LoraConfig(r=2, target_modules=["q_proj"]), name)
+    with pytest.raises(ValueError, match=re.escape(str(err.value))):
+        add_weighted_adapter(model, ["a"], [1.0], name, combination_type="cat")
+    assert adapter_names(model) == ["a"]

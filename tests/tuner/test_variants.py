@@ -1,6 +1,7 @@
 """LoRA variants as hook objects: DoRA and PiSSA, alone and together, and the registry."""
 
 import ast
+import inspect
 import json
 from pathlib import Path
 
@@ -12,7 +13,14 @@ from torch import nn
 from helpers import model_input, outputs, randomize_adapters, tiny_llama
 from lorafit import LoraConfig, add_weighted_adapter, inject, load_adapter, save_adapter
 from lorafit.tuner.layer import LoraLayer
-from lorafit.tuner.variants import LORA, Variant, update_variant, variants_for
+from lorafit.tuner.variants import (
+    LORA,
+    Variant,
+    registered_variants,
+    resumable,
+    update_variant,
+    variants_for,
+)
 from lorafit.tuner.variants import base as variants_base
 from lorafit.tuner.variants.dora import DORA, weight_norm
 from lorafit.tuner.variants.pissa import PISSA
@@ -51,7 +59,7 @@ def test_two_variants_owning_the_update_are_refused(monkeypatch):
 def test_dora_norm_formula_matches_explicit():
     base = nn.Linear(10, 6)
     layer = LoraLayer(base)
-    layer.add_adapter("d", r=3, alpha=5, dora=True)
+    layer.add_adapter("d", r=3, alpha=5, variants=variants_for({"use_dora": True}))
     _randomize(layer)
     ad = layer.adapters["d"]
     explicit = (base.weight + ad.scale * ad.B @ ad.A).norm(dim=1)
@@ -66,7 +74,7 @@ def test_dora_forward_is_the_decomposed_weight_also_with_dropout():
     torch.manual_seed(0)
     base = nn.Linear(10, 6)
     layer = LoraLayer(base)
-    layer.add_adapter("d", r=3, alpha=5, dora=True, dropout=0.4)
+    layer.add_adapter("d", r=3, alpha=5, variants=variants_for({"use_dora": True}), dropout=0.4)
     layer.active = ["d"]
     _randomize(layer)
     ad = layer.adapters["d"]
@@ -160,5 +168,25 @@ def test_layer_has_no_variant_branches():
             names.add(node.attr)
         elif isinstance(node, (ast.Name, ast.arg)):
             names.add(getattr(node, "id", None) or node.arg)
-    odd = sorted(n for n in names if any(w in n.lower() for w in ("dora", "pissa", "magnitude")))
-    assert odd == ["dora"], odd  # only add_adapter's `dora=` keyword, passed on to variants_for
+    words = {v.name for v in registered_variants()} | {"dora", "pissa", "magnitude"}
+    odd = sorted(n for n in names if any(w in n.lower() for w in words))
+    assert odd == [], odd
+
+
+def test_add_adapter_takes_no_variant_specific_parameters():
+    """The variants come from the registry (`variants=variants_for(...)`), never from a keyword
+    per variant."""
+    params = set(inspect.signature(LoraLayer.add_adapter).parameters)
+    assert params == {"self", "name", "r", "alpha", "dropout", "rslora", "init", "variants"}
+    layer = LoraLayer(nn.Linear(6, 4))
+    layer.add_adapter("d", r=2, alpha=2, variants=variants_for({"use_dora": True}))
+    layer.add_adapter("p", r=2, alpha=2, init="pissa")  # variants=None: what the arguments select
+    assert layer.adapters["d"].variants == (DORA,) and layer.adapters["p"].variants == (PISSA,)
+
+
+def test_resumable_names_the_variant_that_cannot_resume():
+    assert LORA.resumable and DORA.resumable and not PISSA.resumable
+    assert resumable(LoraConfig(target_modules=["q"])) is None
+    assert resumable(LoraConfig(target_modules=["q"], use_dora=True)) is None
+    assert resumable(LoraConfig(target_modules=["q"], init_lora_weights="pissa_niter_2")) == "PiSSA"
+    assert resumable({"init_lora_weights": "pissa", "use_dora": True}) == "PiSSA"

@@ -84,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorafit.infer import load_for_inference
+    from lorafit.tasks import task_of_folder
     from lorafit.tuner import merge_and_unload
 
     out = Path(args.out)
@@ -98,9 +99,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:  # merging needs only weights; the tokenizer travels if present
             tokenizer.save_pretrained(tmp)
-        labels = Path(args.adapter) / "labels.json"
-        if labels.is_file():
-            shutil.copy(labels, tmp / labels.name)
+        for name in task_of_folder(Path(args.adapter)).marker_files:  # e.g. label names
+            if (Path(args.adapter) / name).is_file():
+                shutil.copy(Path(args.adapter) / name, tmp / name)
 
     write_dir(out, build)  # the old --out stays intact until the new one is complete
     note = "" if tokenizer is not None else " (the base had no tokenizer files: weights only)"

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(e)
     e.add_argument(
         "--adapter",
-        help="adapter folder (default: <train.output_dir>/adapter; 'none' for the base model)",
+        help="adapter or model folder (default: <train.output_dir>/adapter, or /model after "
+        "train.method=full; 'none' for the base model)",
     )
     e.add_argument("--data", help="evaluate on this file instead of the validation split")
     e.add_argument(

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
-from lorafit.atomic import write_json, write_text
+from lorafit.atomic import replacing_dir, write_json, write_text
 
 FACTS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -120,7 +119,7 @@ def run(out: str = "runs/quickstart", steps: int = 60, model: str = "smollm2") -
     from lorafit.infer import generate
     from lorafit.models import load_model
     from lorafit.train import train
-    from lorafit.train.config import load_run_config
+    from lorafit.train.config import build_run_config
     from lorafit.tuner import load_adapter
 
     started = time.perf_counter()
@@ -130,30 +129,25 @@ def run(out: str = "runs/quickstart", steps: int = 60, model: str = "smollm2") -
     base, tokenizer = load_model(model)
     before = generate(base, tokenizer, DEMO_PROMPTS, max_new_tokens=40)
     del base
-    cfg = load_run_config(
-        None,
-        [
-            f"model.name={model}",
-            f"data.train={data}",
-            f"train.output_dir={out_dir / 'run'}",
-            f"train.max_steps={steps}",
-            "train.batch_size=8",
-            "train.lr=2e-3",
-            "train.warmup_ratio=0.1",
-            "train.eval_every=20",
-            "train.save_every=0",
-            "data.val_fraction=0.1",
-            "data.max_length=128",
-            "lora.r=16",
-            "lora.lora_alpha=32",
-            "lora.target_modules=all-linear",
-        ],
-    )
-    if (out_dir / "run").exists():  # the demo always starts fresh; its folder is its own
-        shutil.rmtree(out_dir / "run")
-    result = train(cfg)
+    raw = {
+        "model": {"name": model},
+        "data": {"train": str(data), "val_fraction": 0.1, "max_length": 128},
+        "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 8,
+            "lr": 2e-3,
+            "warmup_ratio": 0.1,
+            "eval_every": 20,
+            "save_every": 0,
+        },
+    }
+    with replacing_dir(out_dir / "run") as run_dir:  # a fresh demo; the old run kept until done
+        raw["train"]["output_dir"] = str(run_dir)
+        result = train(build_run_config(raw, "quickstart"))
+    adapter_dir = result.adapter_dir
     tuned, tokenizer = load_model(model)
-    load_adapter(tuned, result.adapter_dir)
+    load_adapter(tuned, adapter_dir)
     with torch.no_grad():
         after = generate(tuned, tokenizer, DEMO_PROMPTS, max_new_tokens=40)
     print("\n=== before / after (prompts not in the training data) ===")
@@ -163,12 +157,12 @@ def run(out: str = "runs/quickstart", steps: int = 60, model: str = "smollm2") -
         "wall_time_s": round(time.perf_counter() - started, 1),
         "steps": result.steps,
         "final": result.final,
-        "adapter": str(result.adapter_dir),
+        "adapter": str(adapter_dir),
         "samples": [
             {"prompt": p, "before": b, "after": a} for p, b, a in zip(DEMO_PROMPTS, before, after)
         ],
     }
     write_json(out_dir / "quickstart.json", report)
-    print(f"\nquickstart finished in {report['wall_time_s']}s; adapter in {result.adapter_dir}")
-    print(f"chat with it: lorafit generate --adapter {result.adapter_dir}")
+    print(f"\nquickstart finished in {report['wall_time_s']}s; adapter in {adapter_dir}")
+    print(f"chat with it: lorafit generate --adapter {adapter_dir}")
     return report

@@ -6,7 +6,8 @@ them the one way training, evaluation and generation share, then pack and batch.
     formats.py   a registry of record forms (messages, sharegpt, alpaca, prompt_completion,
                  classification, text) and the one conversion of records into messages
     records.py   read_records / load_split_records: validated records that know their file:line
-    chat.py      the one chat/prompt renderer (render_prompt, with_system, ChatRenderer)
+    chat.py      the one chat/prompt renderer (render_prompt, ChatRenderer; with_system from
+                 formats.py, whose ShareGPT `system` field uses the same rule)
     batching.py  examples with loss masks, packing, collators, the deterministic batch order
 
 Import from here (`from lorafit.data import render_prompt`); the modules are the implementation.
@@ -22,9 +23,10 @@ from lorafit.data.batching import (
     num_batches,
     pack_examples,
 )
-from lorafit.data.chat import ChatRenderer, render_prompt, with_system
+from lorafit.data.chat import ChatRenderer, render_prompt
 from lorafit.data.formats import (
     FORMATS,
+    KINDS,
     ROLES,
     Format,
     check_fields,
@@ -32,6 +34,7 @@ from lorafit.data.formats import (
     prompt_and_answer,
     register_format,
     to_messages,
+    with_system,
 )
 from lorafit.data.readers import READERS, Location, Reader, read_rows, register_reader
 from lorafit.data.records import (
@@ -55,6 +58,7 @@ __all__ = [
     "render_prompt",
     "with_system",
     "FORMATS",
+    "KINDS",
     "ROLES",
     "Format",
     "check_fields",

@@ -16,8 +16,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from lorafit.data.chat import ChatRenderer, with_system
-from lorafit.data.formats import check_fields, detect_format, to_messages
+from lorafit.data.chat import ChatRenderer
+from lorafit.data.formats import FORMATS, check_fields, detect_format, to_messages, with_system
 from lorafit.data.records import record_location
 
 IGNORE_INDEX = -100  # the label value torch.nn.functional.cross_entropy skips by default
@@ -32,8 +32,9 @@ def build_causal_lm_examples(
     system_prompt: str | None = None,
 ) -> list[dict]:
     """Records -> [{"input_ids": [...], "labels": [...]}]: loss only on assistant answers (each ending in
-    its end token) unless train_on_prompt; "text" records learn every token. Sequences keep their
-    first max_length tokens; examples left with no answer token are dropped with a warning."""
+    its end token) unless train_on_prompt; records of a "document" format (plain text) learn every
+    token. Sequences keep their first max_length tokens; examples left with no answer token are
+    dropped with a warning."""
     if tokenizer.eos_token_id is None:
         raise ValueError(
             "the tokenizer has no eos_token; causal-LM training needs one so the model learns to stop"
@@ -43,15 +44,16 @@ def build_causal_lm_examples(
     for i, record in enumerate(records):
         try:
             fmt = detect_format(record)
-            if fmt == "classification":
+            kind = FORMATS[fmt].kind
+            if kind == "labelled":
                 raise ValueError(
-                    "a classification record (text + label); use build_classification_examples"
+                    f"a {fmt} record (text + label); use build_classification_examples"
                 )
             check_fields(record, fmt)  # records may come from code, not only from read_records
-            if fmt == "text":
+            if kind == "document":
                 ids = chat.encode_text(record["text"])
                 labels = list(ids)
-            else:
+            else:  # "chat"
                 ids, spans = chat.tokenize(with_system(to_messages(record, fmt), system_prompt))
                 labels = [IGNORE_INDEX] * len(ids)
                 for start, end in spans:
@@ -89,9 +91,11 @@ def build_classification_examples(
     for i, record in enumerate(records):
         try:
             fmt = detect_format(record)
-            if fmt != "classification" and not {"text", "label"} <= set(record):
-                raise ValueError(f"expected a text + label record, got {fmt!r}")
-            check_fields(record, "classification")  # a label without value says so
+            if FORMATS[fmt].kind != "labelled":
+                if not {"text", "label"} <= set(record):
+                    raise ValueError(f"expected a text + label record, got {fmt!r}")
+                fmt = "classification"  # a label without value: its check says so
+            check_fields(record, fmt)
         except ValueError as e:
             raise ValueError(f"{record_location(records, i, source)}: {e}") from None
         names.append(str(record["label"]).strip())

@@ -15,20 +15,12 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from lorafit.data.formats import is_blank
+from lorafit.data.formats import with_system as with_system  # defined there, used by ShareGPT
 
 # Chat templates often end an assistant turn with a turn-end token rather than
 # tokenizer.eos_token (ChatML, Llama 3, Gemma, Phi-3); generation stops on these too, so they
 # count as "the end token".
 TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
-
-
-def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """Prepend a system message unless there is one (templates like SmolLM2's otherwise add
-    their own). A blank system prompt is none; any other is used verbatim. Returns a new list."""
-    if not is_blank(system_prompt) and (not messages or messages[0].get("role") != "system"):
-        return [{"role": "system", "content": system_prompt}] + list(messages)
-    return list(messages)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:

@@ -3,9 +3,11 @@ becomes chat messages.
 
     detect_format(record) -> "messages" | "sharegpt" | "alpaca" | "prompt_completion"
                              | "classification" | "text"
+    FORMATS[fmt].kind -> "chat" | "document" | "labelled"   how the record is learned
     check_fields(record, fmt)          raises ValueError naming the bad field
     to_messages(record) -> messages    the whole conversation a causal LM trains on
     prompt_and_answer(record) -> (prompt messages, reference answer)   for generation scoring
+    with_system(messages, system_prompt) -> messages   the one system-prompt rule
 
 This is the one place records turn into messages, so training and generation scoring cannot
 disagree about, say, how an alpaca "input" joins its instruction. A new form of record is one
@@ -46,18 +48,36 @@ _SHAREGPT_ROLES = {
 _MISSING_LABELS = {"nan", "-nan", "none", "null"}
 
 
+KINDS = ("chat", "document", "labelled")
+"""How a form of record is learned: "chat" (a conversation: to_messages, loss on the assistant
+answers), "document" (plain text in its `text` field: every token learned) or "labelled" (a
+`text` and its class in `label`: a classifier's input and target, no causal-LM example)."""
+
+
 @dataclass(frozen=True)
 class Format:
     """One form of record. `fields`: the fields whose values (not None) identify the form.
     `check`: raises ValueError for a record of this form with a bad field. `to_messages`: the
     conversation to train on, ending with an assistant answer; None for forms that are not
-    prompt/answer pairs (plain text, labelled text)."""
+    prompt/answer pairs (plain text, labelled text). `kind`: one of KINDS; "chat" exactly when
+    there is a `to_messages`."""
 
     name: str
     example: str
     fields: tuple[str, ...]
     check: Callable[[dict], None]
     to_messages: Callable[[dict], list[dict]] | None = None
+    kind: str = "chat"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"format {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}"
+            )
+        if (self.kind == "chat") != (self.to_messages is not None):
+            raise ValueError(
+                f"format {self.name!r}: a 'chat' format needs to_messages, and only it has one"
+            )
 
     def matches(self, record: dict) -> bool:
         return all(record.get(k) is not None for k in self.fields)
@@ -117,6 +137,15 @@ def is_blank(text: str | None) -> bool:
     """The one whitespace rule for optional text (alpaca input, system prompts): blank means
     absent; anything else is used verbatim."""
     return text is None or not text.strip()
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Prepend a system message unless there is one (templates like SmolLM2's otherwise add
+    their own). A blank system prompt is none; any other is used verbatim. Returns a new list.
+    The one rule for ShareGPT's `system` field and data.system_prompt alike."""
+    if not is_blank(system_prompt) and (not messages or messages[0].get("role") != "system"):
+        return [{"role": "system", "content": system_prompt}] + list(messages)
+    return list(messages)
 
 
 # ------------------------------------------------------------------------------ field checks
@@ -230,10 +259,8 @@ def _sharegpt(record: dict) -> list[dict]:
     messages = [
         {"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]
     ]
-    system = record.get("system")  # LLaMA-Factory's ShareGPT keeps the system prompt here
-    if not is_blank(system) and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
+    # LLaMA-Factory's ShareGPT keeps the system prompt here.
+    return with_system(messages, record.get("system") or None)
 
 
 def _check_alpaca(record: dict) -> None:
@@ -295,7 +322,14 @@ for _fmt in (
         '{"text": "...", "label": "..."}',
         ("text", "label"),
         _check_classification,
+        kind="labelled",
     ),
-    Format("text", '{"text": "..."}', ("text",), lambda r: _check_strings(r, "text")),
+    Format(
+        "text",
+        '{"text": "..."}',
+        ("text",),
+        lambda r: _check_strings(r, "text"),
+        kind="document",
+    ),
 ):
     register_format(_fmt)

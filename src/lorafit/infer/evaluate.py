@@ -44,11 +44,13 @@ def evaluate_run(
     `data` or the run's validation split. The teacher-forced pass runs under the run's precision;
     `loss=False` skips it (e.g. when only generation metrics are wanted on a large test set)."""
     task = get_task(cfg.model.task)
-    adapter = adapter or str(Path(cfg.train.output_dir) / "adapter")
+    # The run's product: an adapter, or with full fine-tuning a whole model folder.
+    product = "model" if cfg.train.method == "full" else "adapter"
+    adapter = adapter or str(Path(cfg.train.output_dir) / product)
     use_adapter = adapter.lower() != "none"
     if use_adapter and not Path(adapter).is_dir():
         raise FileNotFoundError(
-            f"adapter folder {adapter} does not exist; train first or pass --adapter"
+            f"{product} folder {adapter} does not exist; train first or pass --adapter"
         )
     if not use_adapter and task.needs_labels_before_model:
         raise ValueError(f"{task.name} eval needs a trained adapter (its head and label names)")

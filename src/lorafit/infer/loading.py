@@ -7,23 +7,27 @@ from pathlib import Path
 
 from torch import nn
 
-from lorafit.models import alias_for, load_model
-from lorafit.tasks import Task, get_task, task_names
+from lorafit.models import DEFAULT_MODEL, alias_for, load_model
+from lorafit.tasks import task_of_folder
+from lorafit.tasks.classification import LABELS_FILE, set_label_names
 from lorafit.tuner import load_adapter, merge, read_adapter
 from lorafit.tuner.peft_format import BASE_FILE
 
-LABELS_FILE = "labels.json"  # label names of a classification adapter or model, in head order
 
-
-def task_of(folder: Path | None, peft_task_type: str | None) -> Task:
-    """The task an adapter or model folder was trained for."""
-    if folder is not None and (folder / LABELS_FILE).is_file():
-        return get_task("classification")
-    for name in task_names():
-        task = get_task(name)
-        if peft_task_type and task.peft_task_type == peft_task_type:
-            return task
-    return get_task("causal-lm")
+def read_base_identity(adapter: Path) -> dict:
+    """The adapter's lorafit_base.json ({} when it has none), checked for shape."""
+    path = adapter / BASE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        identity = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}); delete it or re-save the adapter")
+    if not isinstance(identity, dict) or not all(
+        isinstance(identity.get(k), (str, type(None))) for k in ("alias", "hub_id", "sha256")
+    ):
+        raise ValueError(f"{path} must be a JSON object with string fields; re-save the adapter")
+    return identity
 
 
 def base_of(adapter: Path, recorded: str | None) -> str:
@@ -31,17 +35,14 @@ def base_of(adapter: Path, recorded: str | None) -> str:
     the packaged alias of the same source (the folder is a cache on another machine)."""
     if recorded and Path(recorded).exists():
         return recorded
-    identity = {}
-    if (adapter / BASE_FILE).is_file():
-        identity = json.loads((adapter / BASE_FILE).read_text())
+    identity = read_base_identity(adapter)
     alias = identity.get("alias") or alias_for(identity.get("hub_id")) or alias_for(recorded)
     if alias:
         return alias
-    what = (
-        f" (trained on {identity['source_file']}, sha256 {identity['sha256'][:12]}...)"
-        if (identity.get("sha256"))
-        else ""
-    )
+    what = ""
+    if identity.get("sha256"):
+        source = identity.get("source_file") or "its source file"
+        what = f" (trained on {source}, sha256 {identity['sha256'][:12]}...)"
     raise FileNotFoundError(
         f"the base model of {adapter} is {recorded!r}{what}, which is not on this machine; "
         "pass --model with a local copy of it"
@@ -73,12 +74,12 @@ def load_for_inference(
         peft_task_type = config.task_type
         if model is None:
             model = base_of(folder, config.base_model_name_or_path)
-    task = task_of(folder, peft_task_type)
+    task = task_of_folder(folder, peft_task_type)
     labels = None
     if folder is not None and (folder / LABELS_FILE).is_file():
         labels = json.loads((folder / LABELS_FILE).read_text())
     net, tokenizer = load_model(
-        model or "smollm2",
+        model or DEFAULT_MODEL,
         task.head,
         len(labels) if labels else None,
         dtype,
@@ -92,7 +93,6 @@ def load_for_inference(
             merge(net, verify=True)
     net.eval()
     if labels:
-        net.config.id2label = dict(enumerate(labels))
-        net.config.label2id = {name: i for i, name in enumerate(labels)}
+        set_label_names(net, labels)
     net.__dict__["lorafit_task"] = task.name
     return net, tokenizer

@@ -38,7 +38,7 @@ def cache_folder(gguf_path: pathlib.Path, cache_dir: str | os.PathLike | None) -
     return root / "models" / f"{gguf_path.stem}-{short_hash}"
 
 
-def convert(gguf_path: pathlib.Path, final: pathlib.Path) -> None:
+def convert(gguf_path: pathlib.Path, final: pathlib.Path, cache_dir=None) -> None:
     """Dequantize a GGUF once into a safetensors folder at ``final``, atomically.
 
     The folder is built under a temporary name and renamed into place, so a crash never leaves a
@@ -71,7 +71,7 @@ def convert(gguf_path: pathlib.Path, final: pathlib.Path) -> None:
             "file": gguf_path.name,
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
-            "sha256": file_sha256(gguf_path),
+            "sha256": file_sha256(gguf_path, cache_dir),
             "hub_id": hub_id_in_gguf(gguf_path),
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))

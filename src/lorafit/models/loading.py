@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
 from lorafit.models import gguf_cache
 from lorafit.models.sources import alias_for, file_sha256, hub_id_of, resolve_model_path
@@ -102,11 +104,18 @@ def _tokenizer_from(folder: pathlib.Path, gguf_file: str | None = None) -> PreTr
     return tokenizer
 
 
+@dataclass(frozen=True)
+class Head:
+    """A model head a task can ask for."""
+
+    auto_class: str  # the transformers Auto class that builds the model with this head
+    needs_num_labels: bool = False  # a freshly initialised head sized by the label count
+
+
 HEADS = {
-    "causal-lm": "AutoModelForCausalLM",
-    "classification": "AutoModelForSequenceClassification",
+    "causal-lm": Head("AutoModelForCausalLM"),
+    "classification": Head("AutoModelForSequenceClassification", needs_num_labels=True),
 }
-"""Model heads a task can ask for: name -> the transformers Auto class that builds it."""
 
 
 def load_model(
@@ -132,18 +141,18 @@ def load_model(
     # Check the cheap arguments first, so a typo never costs a GGUF conversion.
     if head not in HEADS:
         raise ValueError(f"unknown model head {head!r}; choose one of: {', '.join(HEADS)}")
-    if head == "classification" and (not isinstance(num_labels, int) or num_labels < 1):
+    if HEADS[head].needs_num_labels and (not isinstance(num_labels, int) or num_labels < 1):
         raise ValueError(
             f"a classification head needs num_labels as a positive int, got {num_labels!r}"
         )
-    auto_class = getattr(transformers, HEADS[head])
+    auto_class = getattr(transformers, HEADS[head].auto_class)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
 
     path = resolve_model_path(name_or_path)
     folder = gguf_cache.cache_folder(path, cache_dir) if gguf_cache.is_gguf(path) else path
     if gguf_cache.is_gguf(path) and not folder.is_dir():
-        gguf_cache.convert(path, folder)
+        gguf_cache.convert(path, folder, cache_dir)
 
     try:
         tokenizer = _tokenizer_from(folder)
@@ -158,7 +167,13 @@ def load_model(
     }
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    model = auto_class.from_pretrained(str(folder), **kwargs)
+    try:
+        model = auto_class.from_pretrained(str(folder), **kwargs)
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{folder}: the model weights are not a readable safetensors file ({exc}); "
+            "re-save or re-download the model"
+        ) from None
     # Decoder classifiers find the last real token via pad_token_id; without it batches > 1 fail.
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -14,6 +14,7 @@ import pathlib
 from dataclasses import dataclass
 
 from lorafit.atomic import write_json
+from lorafit.tuner.peft_format import PICKLED_SUFFIXES
 
 DEFAULT_MODEL = "smollm2"
 
@@ -92,9 +93,7 @@ def _check_hf_folder(folder: pathlib.Path) -> None:
         folder / "model.safetensors.index.json"
     ).is_file():
         return
-    pickled = sorted(
-        p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
-    )
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES)
     if pickled:
         # Pickled checkpoints can run arbitrary code when loaded; lorafit only reads safetensors.
         raise ValueError(

@@ -7,6 +7,9 @@ from functools import lru_cache
 
 import torch
 
+PRECISIONS = ("auto", "fp32", "bf16")
+"""What a run may ask for (train.precision); 'auto' resolves to fp32 or bf16 per device."""
+
 
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
@@ -21,8 +24,9 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(choice: str, device: torch.device) -> str:
     """'auto' | 'fp32' | 'bf16' -> 'fp32' or 'bf16' for this device."""
-    if choice not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {choice!r}")
+    if choice not in PRECISIONS:
+        choices = ", ".join(PRECISIONS[:-1]) + " or " + PRECISIONS[-1]
+        raise ValueError(f"precision must be {choices}, got {choice!r}")
     if choice != "auto":
         return choice
     if device.type == "cuda":

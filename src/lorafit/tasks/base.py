@@ -8,6 +8,7 @@ classification, recommendation) is one new file registered with `register_task`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +28,8 @@ class Task:
     """The model head `lorafit.models.load_model` builds for this task."""
     generative: ClassVar[bool] = False
     """True when outputs are generated text (interactive chat makes sense)."""
+    marker_files: ClassVar[tuple[str, ...]] = ()
+    """Files that mark a trained adapter or model folder as this task's (e.g. labels.json)."""
     needs_labels_before_model: ClassVar[bool] = False
     """True when the label set (read from the data) decides the model's head size."""
 
@@ -101,6 +104,23 @@ def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: make `cls` selectable as `model.task: <cls.name>`."""
     _TASKS[cls.name] = cls()
     return cls
+
+
+DEFAULT_TASK = "causal-lm"  # what `model.task` defaults to, and what an unmarked adapter is
+
+
+def task_of_folder(folder: Path | None, peft_task_type: str | None = None) -> Task:
+    """The task an adapter or model folder was trained for: the one whose marker files it holds,
+    else the one writing its PEFT task_type, else the default task."""
+    tasks = [_TASKS[n] for n in task_names()]
+    if folder is not None:
+        for task in tasks:
+            if any((Path(folder) / f).is_file() for f in task.marker_files):
+                return task
+    for task in tasks:
+        if peft_task_type and task.peft_task_type == peft_task_type:
+            return task
+    return _TASKS[DEFAULT_TASK]
 
 
 def task_names() -> list[str]:

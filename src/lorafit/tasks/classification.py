@@ -9,9 +9,9 @@ from torch import nn
 from lorafit.data import ClassificationCollator, build_classification_examples
 from lorafit.tasks.base import Task, eval_batches, register_task
 from lorafit.tasks.metrics import accuracy, macro_f1
+from lorafit.tuner.config import PEFT_SEQ_CLS_HEADS
 
-# transformers names the head of a *ForSequenceClassification model one of these.
-_HEAD_NAMES = ("classifier", "score")
+LABELS_FILE = "labels.json"  # label names of a trained classifier, in head order
 
 
 @register_task
@@ -19,6 +19,7 @@ class Classification(Task):
     name = "classification"
     peft_task_type = "SEQ_CLS"
     head = "classification"
+    marker_files = (LABELS_FILE,)
     needs_labels_before_model = True
 
     def build_examples(self, records, tokenizer, data, labels=None):
@@ -30,7 +31,7 @@ class Classification(Task):
         return ClassificationCollator(tokenizer.pad_token_id)
 
     def trained_heads(self, model: nn.Module) -> list[str]:
-        return [n for n in _HEAD_NAMES if hasattr(model, n)]
+        return [n for n in PEFT_SEQ_CLS_HEADS if hasattr(model, n)]
 
     def target_count(self, batch):
         return int(batch["labels"].numel())
@@ -57,6 +58,12 @@ class Classification(Task):
 
     def infer(self, model, tokenizer, inputs, **options):
         return classify(model, tokenizer, inputs, **options)
+
+
+def set_label_names(model: nn.Module, names: list[str]) -> None:
+    """Name the head's outputs in the model config (saved with it, used by `classify`)."""
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,8 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last` (each
+    renamed away before it is deleted: a kill mid-delete leaves no half checkpoint listed)."""
 
     def build(tmp: Path) -> None:
         save_weights(model, tmp, adapter_name)
@@ -103,7 +104,10 @@ def save_checkpoint(
 
     final = atomic.write_dir(Path(root) / "checkpoints" / f"step-{step:06d}", build)
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            atomic.remove_dir(old)
+        except atomic.WriteError as exc:  # a leftover old checkpoint is no reason to stop
+            warnings.warn(f"old checkpoint not pruned: {exc}", stacklevel=2)
     return final
 
 

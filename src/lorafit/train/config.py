@@ -11,7 +11,28 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafit.ops.precision import PRECISIONS
 from lorafit.tuner.config import LoraConfig
+
+SCHEDULES = ("cosine", "linear", "constant")
+"""Learning-rate decays after warmup (train.schedule; implemented in train/optim.py)."""
+
+NO_VALIDATION_FILE = "no data.validation file and data.val_fraction is 0"
+"""Why a run has no validation data when it asks for none."""
+
+
+def one_of(choices) -> str:
+    """'a, b or c': the choices an option accepts, for messages."""
+    choices = list(choices)
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+
+
+def early_stopping_needs_validation(reason: str) -> str:
+    """The one message for early stopping in a run without validation data (`reason`: why not)."""
+    return (
+        f"train.early_stopping_patience needs validation data, but {reason}; "
+        "set data.validation or data.val_fraction > 0, or drop early stopping"
+    )
 
 
 @dataclass
@@ -190,7 +211,9 @@ def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         )
     built = {}
     for name, cls in SECTIONS.items():
-        values = raw.get(name) or {}
+        values = raw.get(name)
+        if values is None:  # absent, or a section written with no body (`lora:`)
+            values = {}
         if not isinstance(values, dict):
             raise ValueError(f"{source}: section {name!r} must be a mapping, got {values!r}")
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
@@ -204,8 +227,8 @@ def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
             kwargs = {**RUN_LORA_DEFAULTS, **kwargs}
         try:
             built[name] = cls(**kwargs)
-        except ValueError as exc:
-            raise ValueError(f"{source}: lora: {exc}") from None
+        except (ValueError, TypeError) as exc:  # TypeError: e.g. a list of the wrong elements
+            raise ValueError(f"{source}: {name}: {exc}") from None
     cfg = RunConfig(**built)
     _validate_run(cfg, source)
     return cfg
@@ -220,13 +243,13 @@ def _validate_run(cfg: RunConfig, source: str) -> None:
     checks = [
         (m.task in tasks, f"model.task must be one of {', '.join(tasks)}; got {m.task!r}"),
         (
-            t.schedule in ("cosine", "linear", "constant"),
-            f"train.schedule must be cosine, linear or constant, got {t.schedule!r}",
+            t.schedule in SCHEDULES,
+            f"train.schedule must be {one_of(SCHEDULES)}, got {t.schedule!r}",
         ),
         (t.method in ("lora", "full"), f"train.method must be 'lora' or 'full', got {t.method!r}"),
         (
-            t.precision in ("auto", "fp32", "bf16"),
-            f"train.precision must be auto, fp32 or bf16, got {t.precision!r}",
+            t.precision in PRECISIONS,
+            f"train.precision must be {one_of(PRECISIONS)}, got {t.precision!r}",
         ),
         (
             t.batch_size >= 1 and t.grad_accum >= 1,
@@ -243,8 +266,7 @@ def _validate_run(cfg: RunConfig, source: str) -> None:
         (t.loss_chunk >= 16, "train.loss_chunk must be >= 16"),
         (
             not (t.early_stopping_patience and no_validation),
-            "train.early_stopping_patience needs validation data: set data.validation or "
-            "data.val_fraction > 0, or drop early stopping",
+            early_stopping_needs_validation(NO_VALIDATION_FILE),
         ),
     ]
     for ok, message in checks:
@@ -262,7 +284,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) != 2:
         raise ValueError(f"--set key must look like section.key (e.g. train.lr), got {key!r}")
-    return parts, yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        return parts, None
+    try:
+        return parts, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"--set {text}: not valid YAML ({reason})") from None
 
 
 def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
@@ -286,7 +314,8 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         )
     for text in overrides:
         (section, key), value = parse_override(text)
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or written with no body (`lora:`)
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise ValueError(f"{source}: section {section!r} must be a mapping")
         raw[section][key] = value

@@ -8,9 +8,7 @@ import math
 import torch
 from torch import nn
 
-from lorafit.train.config import TrainOptions
-
-SCHEDULES = ("cosine", "linear", "constant")
+from lorafit.train.config import SCHEDULES, TrainOptions, one_of
 
 
 def build_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.AdamW:
@@ -29,8 +27,7 @@ def build_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.Adam
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     """Multiplier of the peak learning rate at `step` (0-based) of `total`."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; choose cosine, linear or constant")
+    _check_schedule(kind)
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
@@ -41,13 +38,17 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 1.0
 
 
+def _check_schedule(kind: str) -> None:
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; choose {one_of(SCHEDULES)}")
+
+
 def build_schedule(
     optimizer: torch.optim.Optimizer, options: TrainOptions, total: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = int(options.warmup_ratio * total)
     kind = options.schedule
-    if kind not in SCHEDULES:  # fail here, not at the first step
-        raise ValueError(f"unknown schedule {kind!r}; choose cosine, linear or constant")
+    _check_schedule(kind)  # fail here, not at the first step
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, warmup, kind)
     )

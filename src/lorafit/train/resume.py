@@ -13,6 +13,7 @@ from lorafit.train import checkpoints as ckpt
 from lorafit.train.config import RunConfig
 from lorafit.train.state import PAYLOAD_KEYS
 from lorafit.tuner.peft_format import read_adapter
+from lorafit.tuner.variants import resumable
 
 RUN_PRODUCTS = ("adapter", "model", "best_adapter", "best_model", "metrics.jsonl", "summary.json")
 """What a previous run leaves in its output_dir (besides checkpoints)."""
@@ -120,10 +121,11 @@ def _first_line(exc: BaseException) -> str:
 
 def check_same_run(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
     """A resumed run must replay the same examples in the same order with the same model."""
-    if _is_pissa(cfg):
+    blocker = resumable(cfg.lora)
+    if blocker is not None:
         raise ValueError(
-            "resuming a PiSSA run is not supported: its checkpoints store the update relative to "
-            "the original weights; start it again or use init_lora_weights: true"
+            f"resuming a {blocker} run is not supported: its checkpoints do not hold the weights "
+            "being trained; start it again in another train.output_dir"
         )
     now = cfg.to_dict()
     for section in ("model", "data", "lora"):
@@ -142,8 +144,3 @@ def check_same_run(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
     if changed:
         names = ", ".join(f"train.{k}" for k in changed)
         raise ValueError(f"cannot resume from {where}: {names} changed")
-
-
-def _is_pissa(cfg: RunConfig) -> bool:
-    init = cfg.lora.init_lora_weights
-    return isinstance(init, str) and init.startswith("pissa")

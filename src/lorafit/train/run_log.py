@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,8 +12,35 @@ import torch
 from lorafit import atomic
 
 
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) for each line of a metrics.jsonl that holds a JSON object. The file is
+    appended to live, so a kill or a full disk mid-write can leave a torn last line: lines that
+    do not parse (or are not objects) are skipped, with one warning naming them."""
+    rows, bad = [], []
+    for number, line in enumerate(Path(path).read_text("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append((line, row))
+        else:
+            bad.append(number)
+    if bad:
+        which = f"line {bad[0]}" if len(bad) == 1 else f"lines {', '.join(map(str, bad))}"
+        warnings.warn(
+            f"{path}: skipped {which}: not a JSON object (a write cut short?)", stacklevel=3
+        )
+    return rows
+
+
 class MetricsLog:
-    """Append-only JSONL (one object per line) mirrored to TensorBoard when available."""
+    """Append-only JSONL (one object per line) mirrored to TensorBoard when available.
+
+    Appending, not an atomic rewrite per row: it is a live log. A resumed run rewrites it
+    atomically once, keeping the rows up to its checkpoint (and dropping a torn line)."""
 
     def __init__(self, out: Path, truncate_after: int | None = None, tensorboard: bool = True):
         self.path = Path(out) / "metrics.jsonl"
@@ -20,9 +48,7 @@ class MetricsLog:
         if self.path.exists() and truncate_after is not None:
             # A resumed run rewrites history after its checkpoint: drop lines the crash left beyond it.
             kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= truncate_after
+                line for line, row in _read_rows(self.path) if row.get("step", 0) <= truncate_after
             ]
             atomic.write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")
@@ -50,7 +76,8 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl; a line that does not parse is skipped with a warning."""
+    return [row for _, row in _read_rows(path)]
 
 
 def write_loss_plot(metrics_path: Path, png: Path) -> Path | None:

@@ -21,7 +21,7 @@ from lorafit.models.loading import load_model, load_tokenizer
 from lorafit.ops.precision import resolve_precision
 from lorafit.tasks import Task
 from lorafit.train import checkpoints as ckpt
-from lorafit.train.config import RunConfig
+from lorafit.train.config import NO_VALIDATION_FILE, RunConfig, early_stopping_needs_validation
 from lorafit.train.step import prepare_for_training
 from lorafit.tuner.inject import inject
 from lorafit.tuner.peft_format import load_adapter
@@ -76,16 +76,13 @@ def _no_validation_reason(cfg: RunConfig, n_train: int) -> str:
     if d.validation:
         return f"data.validation {d.validation} holds no usable example"
     if d.val_fraction == 0:
-        return "no data.validation file and data.val_fraction is 0"
+        return NO_VALIDATION_FILE
     return f"data.val_fraction {d.val_fraction} of {n_train} training rows leaves no example"
 
 
 def _check_validation_needed(cfg: RunConfig, no_validation: str) -> None:
     if no_validation and cfg.train.early_stopping_patience:
-        raise ValueError(
-            f"train.early_stopping_patience needs validation data, but {no_validation}; "
-            "set data.validation or data.val_fraction > 0, or drop early stopping"
-        )
+        raise ValueError(early_stopping_needs_validation(no_validation))
 
 
 def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Prepared:

@@ -28,6 +28,7 @@ from lorafit.train import checkpoints as ckpt
 from lorafit.train import resume as resuming
 from lorafit.train.callbacks import Callback, TrainingStopped, default_callbacks
 from lorafit.train.config import RunConfig
+from lorafit.tasks.classification import LABELS_FILE, set_label_names
 from lorafit.train.optim import build_optimizer, build_schedule
 from lorafit.train.run_log import peak_memory_mb, write_loss_plot
 from lorafit.train.setup import Prepared, prepare
@@ -207,7 +208,7 @@ class Trainer:
 
     def save_product(self, folder: Path) -> Path:
         """The run's product, atomically: an adapter folder, or (full fine-tuning) a loadable
-        model folder; with labels.json for classification."""
+        model folder; with LABELS_FILE (labels.json) for classification."""
         d = self.data
 
         def build(tmp: Path) -> None:
@@ -215,12 +216,11 @@ class Trainer:
                 save_adapter(d.model, tmp, d.adapter)
             else:
                 if d.label_names is not None:
-                    d.model.config.id2label = dict(enumerate(d.label_names))
-                    d.model.config.label2id = {n: i for i, n in enumerate(d.label_names)}
+                    set_label_names(d.model, d.label_names)
                 d.model.save_pretrained(tmp, safe_serialization=True)
                 d.tokenizer.save_pretrained(tmp)
             if d.label_names is not None:
-                (tmp / "labels.json").write_text(json.dumps(d.label_names) + "\n")
+                (tmp / LABELS_FILE).write_text(json.dumps(d.label_names) + "\n")
 
         return atomic.write_dir(folder, build)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,57 @@ _PASSTHROUGH = {
 }
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
+PEFT_SEQ_CLS_HEADS = ("classifier", "score")
+"""The names transformers gives the head of a *ForSequenceClassification model. PEFT adds both
+to modules_to_save of every SEQ_CLS adapter, whatever the model calls its head, so a
+modules_to_save entry with one of these names that matches no module is not an error."""
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """The factor of the update B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def pattern_regex(key: str) -> str:
+    """The regex a rank_pattern / alpha_pattern key stands for (PEFT's rule): the key matches a
+    dot-aligned end of the module path."""
+    return rf"(.*\.)?({key})$"
+
+
+def layers_regex(layers_pattern: str) -> str:
+    """The regex that finds the layer index after a layers_pattern entry (e.g. "layers")."""
+    return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
+
+
+def _check_regex(field_name: str, regex: str, shown: str | None = None) -> None:
+    try:
+        re.compile(regex)
+    except re.error as exc:
+        raise ValueError(
+            f"{field_name}: {shown if shown is not None else regex!r} is not a valid regular "
+            f"expression ({exc})"
+        ) from None
+
+
+def _check_names(field_name: str, value: Any, regex_allowed: bool) -> Any:
+    """A list of non-empty strings (a tuple or set becomes a list), or with `regex_allowed` one
+    string, compiled here so a bad regex fails when the config is made, not when it is used."""
+    if isinstance(value, str):
+        if not regex_allowed:
+            raise ValueError(f"{field_name} must be a list of module names, got {value!r}")
+        if not value:
+            raise ValueError(f"{field_name} must not be an empty string")
+        _check_regex(field_name, value)
+        return value
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        what = "a list of non-empty strings" + (" or a regex string" if regex_allowed else "")
+        raise ValueError(f"{field_name} must be {what}, got {value!r}")
+    bad = [v for v in value if not isinstance(v, str) or not v]
+    if bad:
+        raise ValueError(
+            f"{field_name} must hold only non-empty strings (module names), got {bad[0]!r}"
+        )
+    return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
 
 
 @dataclass
@@ -119,7 +171,12 @@ class LoraConfig:
             ("rank_pattern", self.rank_pattern),
             ("alpha_pattern", self.alpha_pattern),
         ):
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{name} must be a mapping {{regex: value}}, got {pattern!r}")
             for key, value in pattern.items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"{name} keys must be non-empty regex strings, got {key!r}")
+                _check_regex(f"{name} key", pattern_regex(key), shown=repr(key))
                 if not isinstance(value, (int, float)) or value <= 0:
                     raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}.")
                 if name == "rank_pattern" and not isinstance(value, int):
@@ -131,10 +188,32 @@ class LoraConfig:
                 "target_modules is not set: give module-name suffixes (e.g. ['q_proj', 'v_proj']), "
                 "a regex, or 'all-linear'."
             )
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = sorted(set(self.target_modules))
-        if isinstance(self.layers_to_transform, int):
+        if self.target_modules is not None:
+            self.target_modules = _check_names("target_modules", self.target_modules, True)
+            if isinstance(self.target_modules, list):
+                self.target_modules = sorted(set(self.target_modules))
+        if self.exclude_modules is not None:
+            self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, True)
+        if self.modules_to_save is not None:
+            self.modules_to_save = _check_names("modules_to_save", self.modules_to_save, False)
+        if self.layers_pattern is not None:
+            patterns = _check_names("layers_pattern", self.layers_pattern, True)
+            for p in [patterns] if isinstance(patterns, str) else patterns:
+                _check_regex("layers_pattern", layers_regex(p), shown=repr(p))
+            self.layers_pattern = patterns
+        if isinstance(self.layers_to_transform, int) and not isinstance(
+            self.layers_to_transform, bool
+        ):
             self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            if not isinstance(layers, (list, tuple)) or any(
+                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers
+            ):
+                raise ValueError(
+                    f"layers_to_transform must be a layer index or a list of them, got {layers!r}"
+                )
+            self.layers_to_transform = list(layers)
 
     # --- per-module values -------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
@@ -195,6 +274,6 @@ class LoraConfig:
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
     # PEFT's rule: a pattern key matches when it matches a dot-aligned end of the module path.
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
+        if re.match(pattern_regex(key), module_path):
             return value
     return default

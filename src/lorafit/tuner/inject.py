@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorafit.tuner.config import LoraConfig
+from lorafit.tuner.config import PEFT_SEQ_CLS_HEADS, LoraConfig, layers_regex
 from lorafit.tuner.kinds import kind_of, registered_kinds
 from lorafit.tuner.layer import LoraLayer
-from lorafit.tuner.rows import BASE
 from lorafit.tuner.state import (
     adapter_configs,
+    check_new_adapter_name,
     mark_trainable,
     plain_modules,
     set_active,
@@ -82,9 +82,7 @@ def _layer_index_ok(path: str, config: LoraConfig) -> bool:
         return True
     patterns = config.layers_pattern
     patterns = [patterns] if isinstance(patterns, str) else (patterns or [])
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [
-        r".*?\.[^.]*\.(?P<idx>\d+)\."
-    ]
+    regexes = [layers_regex(p) for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
     for rx in regexes:
         m = re.match(rx, path)
         if m:
@@ -173,17 +171,7 @@ def inject(
     trainable: bool = True,
 ) -> ParamReport:
     """Add adapter `adapter_name` to `model` in place; returns the trainable-parameter report."""
-    configs = adapter_configs(model)
-    if not adapter_name or not isinstance(adapter_name, str) or "." in adapter_name:
-        raise ValueError(
-            f"adapter name must be a non-empty string without dots, got {adapter_name!r}"
-        )
-    if adapter_name in configs:
-        raise ValueError(
-            f"model already has an adapter named {adapter_name!r}; delete it or pick another name"
-        )
-    if adapter_name == BASE:
-        raise ValueError(f"{BASE!r} is reserved for 'no adapter' in per-row batches")
+    check_new_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     variants = variants_for(vars(config))
     for _, module in targets:
@@ -200,7 +188,7 @@ def inject(
     saved = []
     for m in config.modules_to_save or []:
         hits = [(p, mod) for p, mod in plain_modules(model) if p == m or p.endswith("." + m)]
-        if not hits and m not in ("classifier", "score"):  # PEFT adds these two for SEQ_CLS blindly
+        if not hits and m not in PEFT_SEQ_CLS_HEADS:
             raise ValueError(
                 f"modules_to_save entry {m!r} matches no module of {type(model).__name__}"
             )
@@ -224,7 +212,7 @@ def inject(
         holder.add_copy(adapter_name)
         if holder is not module:
             set_submodule(model, path, holder)
-    configs[adapter_name] = config
+    adapter_configs(model)[adapter_name] = config
     if activate:
         set_active(model, adapter_name)
     if trainable:

@@ -17,7 +17,6 @@ Tensor shapes follow PEFT's so adapter files map one to one:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.tuner.config import lora_scale
 from lorafit.tuner.kinds import kind_of
 from lorafit.tuner.rows import Rows, current_rows
 from lorafit.tuner.variants import Variant, update_variant, variants_for
@@ -106,13 +106,21 @@ class LoraLayer(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         rslora: bool = False,
-        dora: bool = False,
         init: bool | str = True,
         variants: Sequence[Variant] | None = None,
     ) -> None:
-        """Add adapter `name`. Its variants come from `variants`, else from `dora` and `init`."""
+        """Add adapter `name` with the variants the registry chose (`variants_for(config)`);
+        None: those these arguments select (by their LoraConfig field names)."""
         if variants is None:
-            variants = variants_for({"use_dora": dora, "init_lora_weights": init})
+            variants = variants_for(
+                {
+                    "r": r,
+                    "lora_alpha": alpha,
+                    "lora_dropout": dropout,
+                    "use_rslora": rslora,
+                    "init_lora_weights": init,
+                }
+            )
         for variant in variants:
             variant.check(self.kind, self.base_layer)
         a_shape, b_shape = self.kind.adapter_shapes(self.base_layer, r)
@@ -121,7 +129,7 @@ class LoraLayer(nn.Module):
         B = torch.zeros(b_shape, dtype=torch.float32, device=self.device)
         if not any(v.sets_factors(self.kind) for v in variants):
             self.kind.init_factors(A, B, init)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        scale = lora_scale(alpha, r, rslora)
         ad = LoraAdapter(A, B, scale, dropout, r, alpha, variants)
         for variant in ad.variants:
             variant.init(self, ad, init)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 
@@ -19,13 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorafit.atomic import write_file, write_text
-from lorafit.tuner.config import LoraConfig
+from lorafit.atomic import write_files
+from lorafit.tuner.config import LoraConfig, lora_scale
 from lorafit.tuner.inject import inject
 from lorafit.tuner.kinds import kind_of, registered_kinds
 from lorafit.tuner.layer import LoraLayer
 from lorafit.tuner.state import (
     adapter_configs,
+    check_new_adapter_name,
     lora_layers,
     mark_trainable,
     plain_modules,
@@ -38,6 +38,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BASE_FILE = "lorafit_base.json"  # the base's identity: local folder, source file, sha256, hub id
 PREFIX = "base_model.model."
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+"""Suffixes of weight files that only unpickling reads (torch.save); lorafit never loads them."""
 PEFT_FORMAT_VERSION = "0.21.2"
 """The PEFT release whose adapter format this module writes (its `peft_version` field)."""
 _CONDENSE_AT = 20  # PEFT shortens a target list this long to the fewest distinguishing suffixes
@@ -126,7 +128,13 @@ def resolved_targets(model: nn.Module, paths: list[str]) -> list[str]:
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` to `folder`; each file appears atomically (never half-written)."""
+    """Write adapter `name` to `folder` (created if needed; other files in it are left alone).
+
+    The weights, lorafit_base.json and adapter_config.json are first written complete under
+    temporary names, then renamed into place in that order, the config last, so whoever finds
+    the new config finds the new weights beside it. If anything fails, the folder is as before:
+    a failed rename puts the previous files back. A model without `lorafit_base` removes a
+    lorafit_base.json left by an earlier adapter (it would name the wrong base)."""
     tensors, config = adapter_state_dict(model, name)
     folder = Path(folder)
     data = config.to_dict()
@@ -139,12 +147,15 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "defau
             "base_model_class": type(model).__name__,
             "parent_library": type(model).__module__,
         }
-    metadata = {"format": "pt"}
-    write_file(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
-    write_text(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
     base = model.__dict__.get("lorafit_base")  # set by lorafit.models.load_model
+    metadata = {"format": "pt"}
+    writers = {WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata=metadata)}
     if base:  # beside PEFT's files (PEFT warns on unknown config keys): which base, exactly
-        write_text(folder / BASE_FILE, json.dumps(base, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(base, indent=2, sort_keys=True) + "\n"
+        writers[BASE_FILE] = lambda p: p.write_text(text, encoding="utf-8")
+    config_text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    writers[CONFIG_NAME] = lambda p: p.write_text(config_text, encoding="utf-8")
+    write_files(folder, writers, remove=[] if base else [BASE_FILE])
     return folder
 
 
@@ -158,7 +169,7 @@ def read_adapter(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch
         )
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
-        pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES]
         if pickled:
             raise AdapterFileError(
                 f"{folder} holds only pickled weights ({', '.join(pickled)}); lorafit never "
@@ -308,10 +319,9 @@ def load_adapter(
     activate: bool = True,
 ) -> LoraConfig:
     """Add the adapter in `folder` to `model` as `name`. On any error the model is unchanged."""
+    check_new_adapter_name(model, name)
     folder = Path(folder)
     config, tensors = read_adapter(folder)
-    if name in adapter_configs(model):
-        raise ValueError(f"model already has an adapter named {name!r}")
     lora, other = _group(tensors, folder / WEIGHTS_NAME)
     modules = dict(plain_modules(model))
     hint = (
@@ -363,7 +373,7 @@ def describe_adapter(folder: str | os.PathLike) -> dict:
     variant = update_variant(variants_for(vars(config))).label
     if config.use_rslora:
         variant = f"rs{variant}"
-    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    scale = lora_scale(config.lora_alpha, config.r, config.use_rslora)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     return {
         "base_model": config.base_model_name_or_path,

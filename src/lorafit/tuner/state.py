@@ -61,6 +61,20 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def check_new_adapter_name(model: nn.Module, name: str) -> None:
+    """Raise ValueError unless `name` can name a new adapter of `model`: a non-empty string
+    without dots (it becomes part of module paths), not the per-row "no adapter" name, not taken.
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    if name == BASE:
+        raise ValueError(f"{BASE!r} is reserved for 'no adapter' in per-row batches")
+    if name in adapter_configs(model):
+        raise ValueError(
+            f"model already has an adapter named {name!r}; delete it or pick another name"
+        )
+
+
 def check_names(model: nn.Module, names: Sequence[str]) -> None:
     missing = [n for n in names if n not in adapter_configs(model)]
     if missing:
@@ -206,8 +220,7 @@ def add_weighted_adapter(
     check_names(model, adapters)
     if len(adapters) != len(weights) or not adapters:
         raise ValueError("give one weight per adapter (and at least one adapter)")
-    if new_name in adapter_configs(model):
-        raise ValueError(f"an adapter named {new_name!r} already exists")
+    check_new_adapter_name(model, new_name)
     configs = [adapter_configs(model)[a] for a in adapters]
     layers = [(p, lay) for p, lay in lora_layers(model) if any(a in lay.adapters for a in adapters)]
     present_ads = [lay.adapters[a] for _, lay in layers for a in adapters if a in lay.adapters]

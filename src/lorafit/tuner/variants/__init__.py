@@ -8,6 +8,7 @@ from lorafit.tuner.variants.base import (
     Variant,
     register_variant,
     registered_variants,
+    resumable,
     update_variant,
     variants_for,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "Variant",
     "register_variant",
     "registered_variants",
+    "resumable",
     "update_variant",
     "variants_for",
 ]

@@ -44,6 +44,9 @@ class Variant(Registered):
     """Whether the update is exactly scale * B A, so adapters can be combined linearly."""
     file_keys: dict[str, str] = {}
     """Extra tensors in the adapter file: {role on the adapter: PEFT key suffix}."""
+    resumable: bool = True
+    """Whether a training run of an adapter with this variant can resume from a checkpoint (the
+    checkpoint holds the adapter as the model holds it, not as `to_file` re-expresses it)."""
 
     def selected(self, settings: Mapping[str, Any]) -> bool:
         """Whether an adapter with these LoraConfig field values uses this variant."""
@@ -124,6 +127,13 @@ def variants_for(settings: Mapping[str, Any]) -> tuple[Variant, ...]:
     if len(owners) > 1:
         raise ValueError(f"LoRA variants {owners} each replace the update; use one of them")
     return chosen
+
+
+def resumable(config: Any) -> str | None:
+    """None when a training run of an adapter with this LoraConfig (or mapping of its fields) can
+    resume from a checkpoint, else the label of the variant that prevents it (e.g. "PiSSA")."""
+    settings = config if isinstance(config, Mapping) else vars(config)
+    return next((v.label for v in variants_for(settings) if not v.resumable), None)
 
 
 def update_variant(variants: tuple[Variant, ...]) -> Variant:

@@ -28,6 +28,10 @@ class PiSSA(Variant):
     name = "pissa"
     label = "PiSSA"
     order = 10  # re-expresses W before anything measures it (DoRA's norms)
+    # A checkpoint's adapter file holds the update relative to the original W0 (`to_file`), while
+    # the model being trained holds the residual base and (A, B): resuming would start from the
+    # wrong weights.
+    resumable = False
 
     def selected(self, settings: Mapping[str, Any]) -> bool:
         init = settings.get("init_lora_weights")
