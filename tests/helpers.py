@@ -149,11 +149,10 @@ def write_text(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
-    """A tiny Llama + BPE chat tokenizer saved like a Hugging Face folder."""
+def chat_llama(tok, seed: int = 0):
+    """A tiny random Llama sized for `tok` (from chat_tokenizer), with its special token ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = chat_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -168,7 +167,13 @@ def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
     )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Llama + BPE chat tokenizer saved like a Hugging Face folder."""
+    tok = chat_tokenizer()
+    chat_llama(tok, seed).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import chat_tokenizer, randomize_adapters, tiny_llama
+from helpers import chat_llama, chat_tokenizer, randomize_adapters, tiny_llama
 from lorafit import LoraConfig, inject
 from lorafit.tasks import get_task
 from lorafit.tasks.causal_lm import generate
@@ -14,21 +14,7 @@ TASK = get_task("causal-lm")
 @pytest.fixture
 def model_and_tokenizer():
     tok = chat_tokenizer()
-    torch.manual_seed(0)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval(), tok
+    return chat_llama(tok), tok
 
 
 def test_target_count_skips_position_zero_and_ignored():
