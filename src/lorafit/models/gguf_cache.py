@@ -21,7 +21,7 @@ from lorafit.models.sources import default_cache_dir, file_sha256
 logger = logging.getLogger(__name__)
 
 # Bump when the layout of a GGUF cache folder changes, so old caches are rebuilt, not trusted.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: lorafit_source.json records file name + sha256 + hub id
 SOURCE_FILE = "lorafit_source.json"  # what a cache folder was built from
 
 
