@@ -1,7 +1,7 @@
 """The layering ARCHITECTURE.md promises, checked on the source: one-way imports, no cycles.
 
-Every import counts, including ones deferred into a function body (they hide cycles, they do
-not remove them); only `if TYPE_CHECKING:` imports, which never run, are left out.
+Every import counts, including ones deferred into a function body or kept under
+`if TYPE_CHECKING:` (they hide cycles, they do not remove them).
 """
 
 from __future__ import annotations
@@ -31,23 +31,11 @@ def all_modules() -> dict[str, Path]:
     return {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under `if TYPE_CHECKING:`."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
-
-
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The lorafit modules `name` imports (a `from pkg import sub` names the submodule)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):

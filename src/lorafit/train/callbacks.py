@@ -1,6 +1,7 @@
 """What happens around the optimizer steps, as callback objects the loop calls in order.
 
-Hooks (each receives the `Trainer`; every one is optional):
+Hooks (each receives the `Trainer`, unannotated: trainer.py builds on this module; every one
+is optional):
 
     on_fit_start(trainer)                   before the first step (also on resume)
     after_backward(trainer, out)            gradients are ready, the optimizer has not stepped
@@ -16,14 +17,9 @@ callbacks (the checkpoint callback saves a stopped run).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lorafit.train import checkpoints as ckpt
 from lorafit.train.run_log import MetricsLog
 from lorafit.train.state import StepOutput
-
-if TYPE_CHECKING:
-    from lorafit.train.trainer import Trainer
 
 
 class TrainingStopped(RuntimeError):
@@ -33,19 +29,19 @@ class TrainingStopped(RuntimeError):
 class Callback:
     main_process_only = False
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer) -> None:
         pass
 
-    def after_backward(self, trainer: Trainer, out: StepOutput) -> None:
+    def after_backward(self, trainer, out: StepOutput) -> None:
         pass
 
-    def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+    def on_step_end(self, trainer, out: StepOutput) -> None:
         pass
 
-    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float], improved: bool) -> None:
+    def on_evaluate(self, trainer, metrics: dict[str, float], improved: bool) -> None:
         pass
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer) -> None:
         pass
 
 
@@ -185,7 +181,7 @@ class Checkpoints(Callback):
             trainer.save_checkpoint()
 
 
-def default_callbacks(trainer: Trainer, progress: bool) -> list[Callback]:
+def default_callbacks(trainer, progress: bool) -> list[Callback]:
     """The callbacks of a run per its config, in the order they must run."""
     t = trainer.cfg.train
     callbacks: list[Callback] = [NanGuard(), MetricsLogger()]

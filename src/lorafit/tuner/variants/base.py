@@ -22,16 +22,19 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from lorafit.tuner.registered import Registered
 
 if TYPE_CHECKING:
     from lorafit.tuner.kinds.base import LayerKind
-    from lorafit.tuner.layer import LoraAdapter, LoraLayer
 
 
 class Variant(Registered):
-    """The hooks of one LoRA variant; this base class is plain LoRA."""
+    """The hooks of one LoRA variant; this base class is plain LoRA.
+
+    Hooks receive the `LoraLayer` (`layer`) and one of its `LoraAdapter`s (`ad`), typed as
+    nn.Module here because layer.py builds on this package, not the other way round."""
 
     name: str = "lora"
     label: str = "LoRA"
@@ -59,13 +62,13 @@ class Variant(Registered):
         """True when `init` computes A and B itself, so the kind's random init is skipped."""
         return False
 
-    def init(self, layer: LoraLayer, ad: LoraAdapter, init: bool | str) -> None:
+    def init(self, layer: nn.Module, ad: nn.Module, init: bool | str) -> None:
         """Called once A and B exist (and the adapter is not yet in the layer)."""
 
     def forward(
         self,
-        layer: LoraLayer,
-        ad: LoraAdapter,
+        layer: nn.Module,
+        ad: nn.Module,
         x: torch.Tensor,
         base_out: torch.Tensor,
         dropped: bool,
@@ -73,17 +76,15 @@ class Variant(Registered):
         """What the adapter adds to `base_out`; `x` has had dropout applied when `dropped`."""
         return layer.branch(ad, x, ad.scale)
 
-    def merge(self, layer: LoraLayer, ad: LoraAdapter, W: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def merge(self, layer: nn.Module, ad: nn.Module, W: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """(out-major fp32 W with the adapter folded in, state `unmerge` needs)."""
         return W + layer.delta_weight_of(ad), None
 
-    def unmerge(
-        self, layer: LoraLayer, ad: LoraAdapter, W: torch.Tensor, state: Any
-    ) -> torch.Tensor:
+    def unmerge(self, layer: nn.Module, ad: nn.Module, W: torch.Tensor, state: Any) -> torch.Tensor:
         return W - layer.delta_weight_of(ad)
 
     def to_file(
-        self, layer: LoraLayer, ad: LoraAdapter, tensors: dict[str, torch.Tensor]
+        self, layer: nn.Module, ad: nn.Module, tensors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """The tensors to write, by role ("A", "B", or a `file_keys` role)."""
         return tensors
@@ -98,7 +99,7 @@ class Variant(Registered):
         """Why a file's tensors for one module do not fit this variant (None: they do)."""
         return None
 
-    def from_file(self, ad: LoraAdapter, parts: dict[str, torch.Tensor]) -> None:
+    def from_file(self, ad: nn.Module, parts: dict[str, torch.Tensor]) -> None:
         """Copy this variant's tensors from a file into a freshly added adapter."""
 
     def __repr__(self) -> str:

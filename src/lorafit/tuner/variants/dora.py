@@ -7,7 +7,7 @@ in the paper (and PEFT), the norm is treated as a constant in backward.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +15,9 @@ from torch import nn
 
 from lorafit.tuner.variants.base import Variant, register_variant
 
-if TYPE_CHECKING:
-    from lorafit.tuner.layer import LoraAdapter, LoraLayer
-
 
 @torch.no_grad()
-def weight_norm(layer: LoraLayer, ad: LoraAdapter) -> torch.Tensor:
+def weight_norm(layer: nn.Module, ad: nn.Module) -> torch.Tensor:
     """Row norms of W + s B A for the current base weight, without materialising B A.
 
     ||w_i + s (BA)_i||^2 = ||w_i||^2 + 2 s <w_i A^T, b_i> + s^2 b_i (A A^T) b_i^T
@@ -35,7 +32,7 @@ def weight_norm(layer: LoraLayer, ad: LoraAdapter) -> torch.Tensor:
     return sq.clamp_min(0).sqrt()  # (out,)
 
 
-def _row_sq(layer: LoraLayer, W: torch.Tensor) -> torch.Tensor:
+def _row_sq(layer: nn.Module, W: torch.Tensor) -> torch.Tensor:
     # Keyed on the weight's storage and version: a merge or any in-place write invalidates it.
     key = (layer.kind.weight_version(layer.base_layer), W.dtype)
     cached = layer.variant_cache.get("dora_row_sq")
@@ -61,7 +58,7 @@ class DoRA(Variant):
     def selected(self, settings: Mapping[str, Any]) -> bool:
         return bool(settings.get("use_dora"))
 
-    def init(self, layer: LoraLayer, ad: LoraAdapter, init: bool | str) -> None:
+    def init(self, layer: nn.Module, ad: nn.Module, init: bool | str) -> None:
         shape = layer.kind.magnitude_shape(layer.base_layer)
         ad.magnitude = nn.Parameter(weight_norm(layer, ad).reshape(shape))
 

@@ -21,7 +21,6 @@ from lorafit.tuner.variants.base import Variant, register_variant
 
 if TYPE_CHECKING:
     from lorafit.tuner.kinds.base import LayerKind
-    from lorafit.tuner.layer import LoraAdapter, LoraLayer
 
 
 class PiSSA(Variant):
@@ -45,7 +44,7 @@ class PiSSA(Variant):
     def sets_factors(self, kind: LayerKind) -> bool:
         return kind.svd_init
 
-    def init(self, layer: LoraLayer, ad: LoraAdapter, init: bool | str) -> None:
+    def init(self, layer: nn.Module, ad: nn.Module, init: bool | str) -> None:
         if layer.kind.svd_init:
             W, A, B = _svd_factors(layer, ad.r, ad.scale, init)
             layer.write_weight(W - ad.scale * (B @ A))  # the base keeps the residual
@@ -71,7 +70,7 @@ class PiSSA(Variant):
         )
 
 
-def _svd_factors(layer: LoraLayer, r: int, scale: float, init: str) -> tuple[torch.Tensor, ...]:
+def _svd_factors(layer: nn.Module, r: int, scale: float, init: str) -> tuple[torch.Tensor, ...]:
     """(W0, A, B) with s B A the best rank-r approximation of W0."""
     W = layer.out_major_weight()  # (out, in) fp32
     if init == "pissa":
