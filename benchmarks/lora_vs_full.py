@@ -145,8 +145,14 @@ def score_generation(cfg, folder: str, data: str, limit: int | None, predictions
     from lorafit.infer import generate, load_for_inference
     from lorafit.tasks.metrics import generation_scores
 
-    model, tokenizer = load_for_inference(
-        cfg.model.name, folder, cfg.model.device, cfg.model.dtype, cfg.model.cache_dir
+    model, tokenizer = load_for_inference(  # a QLoRA adapter is scored on its quantized base
+        cfg.model.name,
+        folder,
+        cfg.model.device,
+        cfg.model.dtype,
+        cfg.model.cache_dir,
+        quantize=cfg.model.quantize,
+        quantize_backend=cfg.model.quantize_backend,
     )
     prompts, refs = prompts_and_references(read_records(data, cfg.data.columns))
     if limit:

@@ -56,12 +56,12 @@ def test_pickled_only_folder_is_refused(llama_dir):
         load_model(str(llama_dir), device="cpu")
 
 
-def test_transformers_is_told_to_read_safetensors_only(llama_dir, monkeypatch):
+def test_the_loader_reads_safetensors_only(llama_dir, monkeypatch):
     # A second line of defence behind lorafit's own folder check: never unpickle a .bin.
     monkeypatch.setattr(sources, "_check_hf_folder", lambda folder: None)
     os.remove(llama_dir / "model.safetensors")
     torch.save(word_llama().state_dict(), llama_dir / "pytorch_model.bin")
-    with pytest.raises(OSError, match="model.safetensors"):
+    with pytest.raises(ValueError, match="model.safetensors"):
         load_model(str(llama_dir), device="cpu")
 
 

@@ -114,13 +114,23 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_sigkill_then_resume_is_bit_identical(chat_setup, tmp_path):
+QLORA = {  # an NF4 base with everything that must work on it: DoRA, LoRA+, checkpointing
+    "model": {"quantize": "nf4"},
+    "lora": {"use_dora": True, "target_modules": "all-linear"},
+    "train": {"lora_plus_ratio": 4.0, "gradient_checkpointing": True},
+}
+
+
+@pytest.mark.parametrize("variant", ["lora", "qlora"])
+def test_sigkill_then_resume_is_bit_identical(chat_setup, tmp_path, variant):
     model, data = chat_setup
+    extra = QLORA if variant == "qlora" else {}
     base = {
-        "model": {"name": str(model)},
+        "model": {"name": str(model), **extra.get("model", {})},
         "data": {"train": str(data)},
-        "lora": {"r": 4, "lora_dropout": 0.1},
+        "lora": {"r": 4, "lora_dropout": 0.1, **extra.get("lora", {})},
         "train": {
+            **extra.get("train", {}),
             "batch_size": 4,
             "lr": 1e-2,
             "max_steps": 60,
@@ -154,6 +164,11 @@ def test_sigkill_then_resume_is_bit_identical(chat_setup, tmp_path):
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if variant == "qlora":  # the checkpoint holds the adapter only, never the (quantized) base
+        step = ckpt.list_checkpoints(tmp_path / "killed")[-1]
+        saved = {k for f in step.rglob("*.safetensors") for k in load_file(f)}
+        assert saved and all("lora_" in k for k in saved), saved
+        assert any("lora_magnitude_vector" in k for k in saved)  # DoRA
     summaries = [
         json.loads((tmp_path / n / "summary.json").read_text()) for n in ("straight", "killed")
     ]

@@ -88,8 +88,8 @@ def _randomize(layer, seed=1):
 
 def test_every_registered_kind_has_a_sample():
     ours = {k.name for k in registered_kinds() if type(k).__module__.startswith("lorafit.")}
-    assert ours == {"linear", "gpt2_conv1d", "embedding", "conv"}
-    assert ours | {"gain_linear"} == set(SAMPLES)
+    assert ours == {"linear", "gpt2_conv1d", "embedding", "conv", "quantized-linear"}
+    assert ours | {"gain_linear"} == set(SAMPLES) | {"quantized-linear"}
     assert {kind_of(make()[0]).name for make in ALL.values()} == set(SAMPLES)
 
 
@@ -259,6 +259,13 @@ ALLOWED = {
     ("ops/lm_loss.py", "type(head) is nn.Linear"): (
         "the fused linear cross-entropy needs the loss head to be exactly a plain nn.Linear "
         "(its weight and bias used as F.linear would): loss maths, not a LoRA kind"
+    ),
+    ("quant/linear.py", "type(module) is nn.Linear"): (
+        "quantization replaces plain nn.Linear modules by QuantizedLinear: it defines a base "
+        "module type, below the LoRA layer, and says which modules it can stand in for"
+    ),
+    ("quant/linear.py", "isinstance(m, QuantizedLinear)"): (
+        "finding the modules quantization made (to dequantize them): the module type's own package"
     ),
 }
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-from pathlib import Path
 
-from lorafit.atomic import write_dir
 from lorafit.train.config import load_run_config
 
 
@@ -83,29 +80,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lorafit.infer import load_for_inference
-    from lorafit.tasks import task_of_folder
-    from lorafit.tuner import merge_and_unload
+    from lorafit.infer.merging import REPORT_FILE, merge_to_folder
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    model, tokenizer = load_for_inference(
-        args.model, args.adapter, "cpu", args.dtype, merged=False, require_tokenizer=False
+    report = merge_to_folder(
+        args.adapter, args.out, args.model, args.dtype, args.base_quantize, args.force
     )
-    model = merge_and_unload(model, verify=True)
-
-    def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:  # merging needs only weights; the tokenizer travels if present
-            tokenizer.save_pretrained(tmp)
-        for name in task_of_folder(Path(args.adapter)).marker_files:  # e.g. label names
-            if (Path(args.adapter) / name).is_file():
-                shutil.copy(Path(args.adapter) / name, tmp / name)
-
-    write_dir(out, build)  # the old --out stays intact until the new one is complete
-    note = "" if tokenizer is not None else " (the base had no tokenizer files: weights only)"
-    print(f"merged model written to {out} (safetensors){note}; load it with from_pretrained")
+    note = "" if report["tokenizer"] else " (the base had no tokenizer files: weights only)"
+    print(f"merged model written to {args.out} (safetensors){note}; load it with from_pretrained")
+    if report["base_quantize"] != "none":
+        print(
+            f"merged into the {report['base_quantize']} base dequantized; logits vs the QLoRA "
+            f"model: max |diff| {report['max_abs_logit_diff']:.4g}, mean "
+            f"{report['mean_abs_logit_diff']:.4g} (max |logit| {report['max_abs_logit']:.3g}; "
+            f"{report['probe']}); saved in {REPORT_FILE}"
+        )
     return 0
 
 

@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of the saved weights: auto (float32), bfloat16, float16",
     )
+    m.add_argument(
+        "--base-quantize",
+        default="auto",
+        help="the base the adapter is merged into: auto (as it was trained: a QLoRA adapter goes "
+        "into its nf4/int8 base, dequantized), none (the full-precision base), nf4 or int8",
+    )
     m.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     m.set_defaults(func=cmd_merge)
 

@@ -57,10 +57,13 @@ def load_for_inference(
     cache_dir: str | None = None,
     merged: bool = True,
     require_tokenizer: bool = True,
+    quantize: str = "none",
+    quantize_backend: str = "auto",
 ) -> tuple[nn.Module, object]:
     """(model, tokenizer) ready for inference. The base defaults to the adapter's base model; with
     `merged` the adapter is folded into the weights (no per-token overhead). A fully fine-tuned
-    model folder (from a run with train.method=full) may be given as `adapter` too."""
+    model folder (from a run with train.method=full) may be given as `adapter` too. `quantize`
+    loads the base quantized, as a QLoRA run trained it (the adapter then stays unmerged)."""
     folder = Path(adapter) if adapter else None
     peft_task_type = None
     if (
@@ -86,10 +89,12 @@ def load_for_inference(
         device,
         cache_dir,
         require_tokenizer=require_tokenizer,
+        quantize=quantize,
+        quantize_backend=quantize_backend,
     )
     if adapter:
         load_adapter(net, adapter)
-        if merged:
+        if merged and quantize in (None, "none"):
             merge(net, verify=True)
     net.eval()
     if labels:

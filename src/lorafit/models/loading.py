@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import os
 import pathlib
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
 
-from lorafit.models import gguf_cache
+from lorafit.models import gguf_cache, streaming
 from lorafit.models.sources import alias_for, file_sha256, hub_id_of, resolve_model_path
+from lorafit.quant import pick_backend, quantized_modules
+from lorafit.quant.backends import check_scheme, import_libraries_quietly
+from lorafit.tuner.config import PEFT_SEQ_CLS_HEADS
+from lorafit.tuner.inject import output_head_names
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -127,6 +131,8 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     attn_implementation: str = "sdpa",
     require_tokenizer: bool = True,
+    quantize: str = "none",
+    quantize_backend: str = "auto",
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
     """Load a base model and its tokenizer, in eval mode, on the chosen device and dtype.
 
@@ -135,7 +141,13 @@ def load_model(
     ``cache_dir`` (default :func:`default_cache_dir`) and read from there afterwards. Without
     ``require_tokenizer`` a folder with no tokenizer files loads with tokenizer None (merging
     needs only the weights).
+
+    Weights stream in one tensor at a time (`streaming.py`), straight into their final dtype; with
+    ``quantize`` ("nf4" or "int8") every linear layer but the head is stored quantized as it is
+    read (`lorafit.quant`), computing in bf16 (fp16 on GPUs without bf16) unless ``dtype`` says
+    otherwise.
     """
+    import_libraries_quietly()  # before transformers imports them with their kernel notices
     import transformers
 
     # Check the cheap arguments first, so a typo never costs a GGUF conversion.
@@ -147,6 +159,12 @@ def load_model(
         )
     auto_class = getattr(transformers, HEADS[head].auto_class)
     torch_device = pick_device(device)
+    quantize = None if quantize in (None, "none") else quantize
+    if quantize:
+        check_scheme(quantize)
+        pick_backend(quantize, torch_device, quantize_backend)
+        if dtype == "auto":
+            dtype = "bfloat16" if torch_device.type == "cpu" or _cuda_bf16() else "float16"
     torch_dtype = pick_dtype(dtype, torch_device)
 
     path = resolve_model_path(name_or_path)
@@ -160,20 +178,16 @@ def load_model(
         if require_tokenizer:
             raise
         tokenizer = None
-    kwargs: dict = {
-        "dtype": torch_dtype,
-        "use_safetensors": True,
-        "attn_implementation": attn_implementation,
-    }
-    if num_labels is not None:
-        kwargs["num_labels"] = num_labels
-    try:
-        model = auto_class.from_pretrained(str(folder), **kwargs)
-    except SafetensorError as exc:
-        raise ValueError(
-            f"{folder}: the model weights are not a readable safetensors file ({exc}); "
-            "re-save or re-download the model"
-        ) from None
+    model = _load_weights(
+        auto_class,
+        folder,
+        torch_dtype,
+        torch_device,
+        num_labels,
+        attn_implementation,
+        quantize,
+        quantize_backend,
+    )
     # Decoder classifiers find the last real token via pad_token_id; without it batches > 1 fail.
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -181,8 +195,59 @@ def load_model(
     # offline (PEFT, llama.cpp's converters), with the source's identity beside it.
     model.config._name_or_path = str(folder)
     model.name_or_path = str(folder)
-    model.__dict__["lorafit_base"] = base_identity(name_or_path, path, folder, cache_dir)
-    return model.to(torch_device).eval(), tokenizer
+    identity = base_identity(name_or_path, path, folder, cache_dir)
+    if quantize:  # how the adapter was trained: `lorafit merge` rebuilds that model to compare
+        library = quantized_modules(model)[0][1].backend.library
+        identity.update(quantize=quantize, quantize_backend=library)
+    model.__dict__["lorafit_base"] = identity
+    return model.eval(), tokenizer
+
+
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _load_weights(
+    auto_class, folder, dtype, device, num_labels, attn_implementation, quantize, library
+) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    config_kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    try:
+        config = AutoConfig.from_pretrained(str(folder), **config_kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder}: no usable config.json ({exc})") from None
+    try:
+        source = streaming.SafetensorsFolder(folder)
+    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{folder}: the model weights are not a readable safetensors file ({exc}); "
+            "re-save or re-download the model"
+        ) from None
+    model = streaming.build_empty(auto_class, config, dtype, attn_implementation)
+    heads = output_head_names(model) | {h for h in PEFT_SEQ_CLS_HEADS if hasattr(model, h)}
+    missing = streaming.load_streaming(
+        model,
+        source,
+        dtype,
+        device,
+        quantize,
+        library,
+        keep_float=lambda path: any(path == h or path.startswith(h + ".") for h in heads),
+    )
+    if missing:
+        fresh = [n for n in missing if not any(n.startswith(h + ".") for h in heads)]
+        if fresh:
+            raise ValueError(
+                f"{folder}: the checkpoint lacks {len(fresh)} weights the model needs "
+                f"(e.g. {fresh[0]}); it does not belong to this model class"
+            )
+        streaming.init_missing(model, device, dtype)  # a fresh classification head
+    for buf_owner in model.modules():  # buffers built on the CPU (rotary tables) follow the model
+        for name, buf in list(buf_owner._buffers.items()):
+            if buf is not None and buf.device != device:
+                buf_owner._buffers[name] = buf.to(device)
+    return model
 
 
 def base_identity(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorafit.ops.precision import PRECISIONS
+from lorafit.quant.backends import SCHEMES
 from lorafit.tuner.config import LoraConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -47,6 +48,10 @@ class ModelOptions:
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     cache_dir: str | None = None
     """Where converted GGUF models are cached (default $LORAFIT_CACHE or ~/.cache/lorafit)."""
+    quantize: str = "none"
+    """Store the frozen base's linear layers quantized (QLoRA): none, nf4 (4-bit NormalFloat with double-quantized scales) or int8 (weight-only, per row). Norms, embeddings and the head stay in the compute dtype (bf16 unless model.dtype says otherwise)."""
+    quantize_backend: str = "auto"
+    """Library for model.quantize: auto (the faster one on this device, as measured by benchmarks/quant_backends.py), bitsandbytes or torchao."""
 
 
 @dataclass
@@ -247,6 +252,15 @@ def _validate_run(cfg: RunConfig, source: str) -> None:
             f"train.schedule must be {one_of(SCHEDULES)}, got {t.schedule!r}",
         ),
         (t.method in ("lora", "full"), f"train.method must be 'lora' or 'full', got {t.method!r}"),
+        (
+            m.quantize in ("none", *SCHEMES),
+            f"model.quantize must be {one_of(('none', *SCHEMES))}, got {m.quantize!r}",
+        ),
+        (
+            m.quantize == "none" or t.method == "lora",
+            f"a {m.quantize}-quantized base cannot be fully fine-tuned (its weights are frozen "
+            "by construction); use train.method: lora, or model.quantize: none",
+        ),
         (
             t.precision in PRECISIONS,
             f"train.precision must be {one_of(PRECISIONS)}, got {t.precision!r}",

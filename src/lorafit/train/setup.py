@@ -137,6 +137,8 @@ def _load(cfg: RunConfig, task: Task, num_labels: int | None):
         dtype=m.dtype,
         device=m.device,
         cache_dir=m.cache_dir,
+        quantize=m.quantize,
+        quantize_backend=m.quantize_backend,
     )
 
 

@@ -8,7 +8,14 @@ from lorafit.tuner.config import LoraConfig
 from lorafit.tuner.inject import ParamReport, find_targets, inject, parameter_report
 from lorafit.tuner.kinds import LayerKind, kind_of, register_kind
 from lorafit.tuner.layer import LoraAdapter, LoraLayer
-from lorafit.tuner.merge import MergeError, merge, merge_and_unload, merged_adapters, unmerge
+from lorafit.tuner.merge import (
+    MergeError,
+    dequantize_base,
+    merge,
+    merge_and_unload,
+    merged_adapters,
+    unmerge,
+)
 from lorafit.tuner.peft_format import (
     PEFT_FORMAT_VERSION,
     AdapterFileError,
@@ -53,6 +60,7 @@ __all__ = [
     "adapter_state_dict",
     "add_weighted_adapter",
     "delete_adapter",
+    "dequantize_base",
     "describe_adapter",
     "disable_adapter",
     "find_targets",

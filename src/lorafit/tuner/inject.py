@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lorafit.quant import quantized_modules
 from lorafit.tuner.config import PEFT_SEQ_CLS_HEADS, LoraConfig, layers_regex
 from lorafit.tuner.kinds import kind_of, registered_kinds
 from lorafit.tuner.layer import LoraLayer
@@ -54,6 +55,8 @@ def parameter_report(model: nn.Module) -> ParamReport:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    # Quantized weights are buffers, not parameters; they are still the model's weights.
+    total += sum(m.in_features * m.out_features for _, m in quantized_modules(model))
     return ParamReport(trainable, total)
 
 
@@ -61,7 +64,7 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
+def output_head_names(model: nn.Module) -> set[str]:
     """Paths of the output head ("all-linear" leaves it alone, as PEFT does)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -97,7 +100,7 @@ def _is_saved_module(path: str, config: LoraConfig) -> bool:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The modules `config` selects, or an error that names the problem and the close names."""
-    heads = _output_head_names(model)
+    heads = output_head_names(model)
     found, wrong_type = [], []
     for path, module in plain_modules(model):
         if not path or _is_saved_module(path, config):

@@ -95,7 +95,7 @@ class LoraLayer(nn.Module):
     def delta_weight_of(self, ad: LoraAdapter) -> torch.Tensor:
         A, B = ad.A.detach().float(), ad.B.detach().float()
         delta = B.flatten(1) @ A.flatten(1)  # (out, r) @ (r, in * prod(k)) -> (out, in')
-        shape = self.kind.weight(self.base_layer).shape
+        shape = self.kind.weight_shape(self.base_layer)
         return ad.scale * delta.reshape(shape)
 
     # --- adapters ------------------------------------------------------------------------------

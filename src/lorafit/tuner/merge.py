@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.quant import dequantize_model
+from lorafit.tuner.kinds import kind_of
 from lorafit.tuner.layer import LoraLayer
 from lorafit.tuner.state import (
     active_adapters,
@@ -69,6 +71,12 @@ def merge(
         todo = [n for n in names if n in layer.adapters and n not in layer.merged]
         if not todo:
             continue
+        if layer.kind.quantized:
+            raise MergeError(
+                f"{path}: the base weight is quantized and cannot hold a merge; dequantize the "
+                "model first (lorafit.tuner.dequantize_base; `lorafit merge` does); nothing was "
+                "merged"
+            )
         try:
             weight, _ = layer.merged_weight(
                 todo
@@ -114,6 +122,18 @@ def _verify(
             f"{path}: merged output differs from unmerged by {err:.2e} (> {tol:.0e}); "
             "nothing was merged"
         )
+
+
+def dequantize_base(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every quantized base layer (also those under a LoRA layer) by a float nn.Linear
+    holding its dequantized weight, so adapters can be merged into it; returns how many."""
+    count = dequantize_model(model, dtype)
+    for _, layer in lora_layers(model):
+        kind = kind_of(layer.base_layer)
+        if kind is not layer.kind:
+            layer.kind = kind
+            layer.variant_cache.clear()  # statistics of the quantized weight
+    return count
 
 
 def unmerge(model: nn.Module) -> None:

@@ -42,6 +42,8 @@ class LayerKind(Registered):
     """A and B always get this kind's init, whatever init_lora_weights says (PEFT: embeddings)."""
     svd_init: bool = False
     """The weight is one dense (out, in) matrix that an SVD-based init (PiSSA) may re-express."""
+    quantized: bool = False
+    """The weight is stored quantized: readable (dequantized), never written in place."""
     peft_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
     """PEFT's tensor-name suffixes for A and B after `<module path>.`."""
 
@@ -82,6 +84,10 @@ class LayerKind(Registered):
         """The base weight with rows = output features, in its stored dtype (a view where
         possible; a quantized kind dequantizes)."""
         raise NotImplementedError
+
+    def weight_shape(self, module: nn.Module) -> torch.Size:
+        """The out-major weight's shape (without dequantizing a quantized one)."""
+        return self.weight(module).shape
 
     def write_weight(self, module: nn.Module, w: torch.Tensor) -> None:
         """Store an out-major weight `w` (any float dtype) into the module, in place."""

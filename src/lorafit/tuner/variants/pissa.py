@@ -37,6 +37,11 @@ class PiSSA(Variant):
         return isinstance(init, str) and init.startswith("pissa")
 
     def check(self, kind: LayerKind, module: nn.Module) -> None:
+        if kind.quantized:
+            raise TypeError(
+                "PiSSA initialisation rewrites the base weight, which a quantized base cannot "
+                "store; use model.quantize: none, or another init_lora_weights"
+            )
         # Kinds with their own init (embeddings) keep it, as in PEFT; convolutions have no SVD init.
         if not (kind.svd_init or kind.own_init):
             raise TypeError("PiSSA initialisation is defined for linear layers only")

@@ -1,0 +1,26 @@
+"""Quantized frozen weights for QLoRA: `QuantizedLinear` (NF4 or int8) and the backends that
+store and dequantize them (bitsandbytes, torchao), picked per device by measurement."""
+
+from lorafit.quant.backends import PREFERRED, SCHEMES, Backend, backends_for, pick_backend
+from lorafit.quant.linear import (
+    QuantizedLinear,
+    dequantize_model,
+    is_quantized,
+    quantizable,
+    quantize_model,
+    quantized_modules,
+)
+
+__all__ = [
+    "PREFERRED",
+    "SCHEMES",
+    "Backend",
+    "QuantizedLinear",
+    "backends_for",
+    "dequantize_model",
+    "is_quantized",
+    "pick_backend",
+    "quantizable",
+    "quantize_model",
+    "quantized_modules",
+]
