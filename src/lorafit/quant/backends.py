@@ -4,10 +4,13 @@ A *scheme* is what the user asks for (`nf4`, `int8`); a *backend* is the library
 it (bitsandbytes, torchao). Which backend a device gets by default is `PREFERRED`, filled in from
 `benchmarks/quant_backends.py` (forward + backward of a 2048 x 8192 projection at T=512, bf16):
 
-    scheme  device  backend        f+b ms (this 2-core AMX CPU)      runner-up
-    nf4     cpu     bitsandbytes   ~45 (dequantize ~11 ms)            torchao ~200 (dequantize ~92 ms)
-    int8    cpu     torchao        ~37 (fused int8 x bf16 forward)    bitsandbytes ~49
-    (bf16 reference: ~23 ms)
+    scheme  device  backend        f+b vs bf16 (dequantize)      runner-up
+    nf4     cpu     bitsandbytes   1.9x (14 ms)                  torchao 10.3x (179 ms)
+    int8    cpu     torchao        1.9x (27 ms; fused forward)   bitsandbytes 2.3x (22 ms)
+
+(2-core AMX CPU, 7 interleaved rounds, medians; bf16 reference 46 ms.) In a whole training step
+the other work (attention, norms, the loss, the optimizer) dilutes these ratios: see
+benchmarks/qlora.py.
 
 On CUDA nothing has been measured here yet (no GPU lent); bitsandbytes (CUDA kernels for NF4) and
 torchao (int8) are the choices the anchors use, and `model.quantize_backend` overrides either.

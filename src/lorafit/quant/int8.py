@@ -19,7 +19,10 @@ class TorchaoInt8(Backend):
         return {"int8": Int8Tensor.from_hp(w.contiguous(), PerRow())}
 
     def dequantize(self, storage: Storage, dtype: torch.dtype) -> torch.Tensor:
-        return storage["int8"].dequantize(dtype)  # (out, in)
+        # Symmetric per-row: W = q * scale (zero point 0). Reading torchao's fields directly is
+        # ~3.5x faster on CPU than its generic dequantize_affine (benchmarks/quant_backends.py).
+        t = storage["int8"]
+        return t.qdata.to(dtype) * t.scale.to(dtype)  # (out, in) * (out, 1)
 
     def linear(self, x: torch.Tensor, storage: Storage, dtype: torch.dtype) -> torch.Tensor:
         return torch.nn.functional.linear(x, storage["int8"])  # fused int8 x float kernel
