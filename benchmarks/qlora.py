@@ -133,18 +133,23 @@ class RandomWeights:
 
 
 def model_nbytes(model) -> int:
-    from lorafit.quant import quantized_modules
+    """Bytes of the model's tensors: quantized layers by their storage, the rest by theirs."""
+    from lorafit.quant import QuantizedLinear
 
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen or type(t) is not __import__("torch").Tensor:
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.nbytes()
+            seen.update(id(t) for t in [*module.buffers(), *module.parameters()])
             continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    total += sum(
-        m.nbytes() - (m.bias.nbytes if m.bias is not None else 0)
-        for _, m in quantized_modules(model)
-    )
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            try:  # bitsandbytes' packed Params4bit included; wrapper subclasses have no storage
+                total += t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):
+                pass
     return total
 
 
@@ -185,7 +190,7 @@ def build_peft(model_key: str, quantize: str):
         from lorafit.models.gguf_cache import cache_folder
         from lorafit.models.sources import resolve_model_path
 
-        folder = cache_folder(resolve_model_path("smollm2"))
+        folder = cache_folder(resolve_model_path("smollm2"), None)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     else:
         torch.set_default_dtype(torch.bfloat16)
@@ -331,7 +336,7 @@ def plan_estimate(model_key: str, quantize: str, seq: int) -> float | None:
         from lorafit.models.gguf_cache import cache_folder
         from lorafit.models.sources import resolve_model_path
 
-        config = AutoConfig.from_pretrained(cache_folder(resolve_model_path("smollm2")))
+        config = AutoConfig.from_pretrained(cache_folder(resolve_model_path("smollm2"), None))
     else:
         config = LlamaConfig(**CONFIGS[model_key])
     est = estimate_memory(
@@ -343,6 +348,7 @@ def plan_estimate(model_key: str, quantize: str, seq: int) -> float | None:
         gradient_checkpointing=True,
         lora_r=8,
         target_modules="all-linear",
+        load_dtype=torch.bfloat16,  # the benchmark loads straight into bf16
     )
     return est.total / 1e9
 
@@ -353,7 +359,7 @@ def merge_rounds(runs: list[dict]) -> dict:
         return runs[0]
     steps = [t for r in ok for t in r["step_s"]]
     return {
-        **ok[0],
+        **ok[-1],
         "step_s": steps,
         "step_median": statistics.median(steps),
         "peak": max(r["peak"] for r in ok),
@@ -365,9 +371,9 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 def table(results: dict, seq: int, plans: dict) -> list[str]:
     lines = [
-        "| model | row | load s | weights GB | load transient GB | bound GB | step s (median) | vs lorafit bf16 "
+        "| model | row | load s | load transient GB | bound GB | step s (median) | vs lorafit bf16 "
         "| tokens/s | peak RSS GB | plan estimate GB | first loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (model_key, row), r in results.items():
         if "error" in r:
@@ -381,7 +387,7 @@ def table(results: dict, seq: int, plans: dict) -> list[str]:
             bound = f"{(r['largest_fp32'] + 300e6) / 1e9:.2f}"
         est = plans.get((model_key, row))
         lines.append(
-            f"| {model_key} | {row} | {r['load_s']:.0f} | {r['final_bytes'] / 1e9:.2f} | "
+            f"| {model_key} | {row} | {r['load_s']:.0f} | "
             f"{transient:.2f} | {bound} | "
             f"{r['step_median']:.2f} | {ratio} | {seq / r['step_median']:.0f} | "
             f"{r['peak'] / 1e9:.2f} | {'' if est is None else f'{est:.2f}'} | "
@@ -472,6 +478,9 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--scratch", default="runs/qlora_bench")
+    p.add_argument(
+        "--from-runs", help="rebuild the table from a runs.json of an earlier run (no training)"
+    )
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -486,7 +495,12 @@ def main(argv=None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runs: dict = {}
-    for rnd in range(args.rounds):  # every row once per round, so drift hits all rows alike
+    if args.from_runs:
+        saved = json.loads(Path(args.from_runs).read_text())
+        runs = {tuple(k.split("|")): v for k, v in saved.items()}
+    for rnd in range(
+        0 if args.from_runs else args.rounds
+    ):  # every row once per round, so drift hits all rows alike
         for m in models:
             for row in ROWS_FOR.get(m, rows):
                 if row not in rows:
@@ -498,10 +512,14 @@ def main(argv=None) -> int:
                     spawn(m, row, args.seq, steps, scratch, f"r{rnd}")
                 )
     results = {k: merge_rounds(v) for k, v in runs.items()}
+    (scratch / "runs.json").write_text(json.dumps({f"{m}|{r}": v for (m, r), v in runs.items()}))
     plans = {}
     for m, row in results:
         if row.startswith("lorafit"):
-            plans[(m, row)] = plan_estimate(m, ROWS[row][1], args.seq)
+            try:
+                plans[(m, row)] = plan_estimate(m, ROWS[row][1], args.seq)
+            except Exception as exc:  # the measurements must not be lost to the estimate
+                print(f"plan estimate for {m} {row} failed: {exc}", file=sys.stderr)
     import torch
 
     lines = [
@@ -513,7 +531,7 @@ def main(argv=None) -> int:
         "",
         *table(results, args.seq, plans),
         "",
-        "Weights: bytes of the loaded model's tensors (quantized storage included). Load transient: "
+        "Load transient: "
         "the peak RSS while loading minus the RSS once loaded (the issue's bound: the largest "
         "tensor in fp32 + 300 MB; shown for lorafit's loader). Peak RSS: VmHWM of the "
         "run's own process (load + steps). Plan estimate: `lorafit.train.plan.estimate_memory` for "

@@ -21,7 +21,9 @@ def trained(tmp_path_factory):
     return root, config
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "inspect", "quickstart"])
+@pytest.mark.parametrize(
+    "command", ["train", "eval", "generate", "merge", "inspect", "plan", "quickstart"]
+)
 def test_every_command_documents_its_options(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])

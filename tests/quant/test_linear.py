@@ -125,3 +125,20 @@ def test_refusals_leave_the_model_untouched():
     assert not is_quantized(model)
     with pytest.raises(ValueError, match="does not run on mps"):
         pick_backend("nf4", "mps", "bitsandbytes")
+
+
+def test_under_checkpointing_the_recompute_weight_serves_backward(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    lin = _linear(64, 32)
+    q = QuantizedLinear.quantize(lin.weight, lin.bias, "nf4")
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    checkpoint(q, x, use_reentrant=False).float().sum().backward()
+    expected, x.grad = x.grad.clone(), None
+    calls = []
+    real = q.dequantize
+    monkeypatch.setattr(q, "dequantize", lambda *a: calls.append(1) or real(*a))
+    q.keep_dequantized = True  # what prepare_for_training sets with gradient checkpointing
+    checkpoint(q, x, use_reentrant=False).float().sum().backward()
+    assert torch.equal(x.grad, expected)
+    assert len(calls) == 2  # forward + recompute; backward reuses the recompute's weight

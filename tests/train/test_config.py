@@ -44,6 +44,11 @@ def test_early_stopping_without_validation_is_refused():
         ({"train": {"schedule": "exp"}}, "train.schedule must be cosine, linear or constant"),
         ({"train": {"method": "qlora"}}, "train.method must be 'lora' or 'full'"),
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction must be in [0, 1)"),
+        ({"model": {"quantize": "fp4"}}, "model.quantize must be none, nf4 or int8"),
+        (
+            {"model": {"quantize": "nf4"}, "train": {"method": "full"}},
+            "a nf4-quantized base cannot be fully fine-tuned",
+        ),
     ],
 )
 def test_bad_values_are_named(raw, message):

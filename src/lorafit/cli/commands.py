@@ -124,3 +124,50 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     run(args.out, args.steps, args.model)
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lorafit.train.plan import fit_to_memory, human, parse_size, plan_run
+
+    limit = parse_size(args.memory) if args.memory else None  # a typo fails before any work
+    cfg = load_run_config(args.config, args.set or [])
+    plan = plan_run(cfg, probe=not args.no_probe)
+    est, fit, error = plan.estimate, None, None
+    if limit is not None:
+        try:
+            sets, new = fit_to_memory(cfg, limit)
+            fit = {"limit": limit, "fits": not sets, "set": sets, "total": new.total}
+        except ValueError as exc:  # printed after the table, as the one-line error
+            fit, error = {"limit": limit, "fits": False, "error": str(exc)}, exc
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "fit": fit}, indent=2, default=str))
+    else:
+        s = plan.settings
+        print(f"plan: {s['model']} ({s['head']}, {s['method']}), {s['device']}, {s['precision']}")
+        print(
+            f"  quantize {s['quantize']}, batch {s['batch_size']} x {s['seq_len']} tokens, "
+            f"grad_accum {s['grad_accum']}, checkpointing {s['gradient_checkpointing']}, "
+            f"loss_chunk {s['loss_chunk']}\n"
+        )
+        for label, n in est.rows():
+            print(f"  {label:<62} {human(n):>10}")
+        for note in est.notes:
+            print(f"  note: {note}")
+        if plan.step_time_s is not None:
+            off = 100 * (plan.probe_peak / est.total - 1)
+            print(
+                f"\nprobe: {plan.step_time_s:.3g} s per optimizer step; measured peak "
+                f"{human(plan.probe_peak)} ({off:+.0f}% vs the estimate) [{plan.probe_note}]"
+            )
+        else:
+            print(f"\nprobe: {plan.probe_note}")
+        if fit and fit["fits"]:
+            print(f"\nfits in {human(limit)}: {human(limit - est.total)} headroom")
+        elif fit and not error:
+            sets = [*(args.set or []), *fit["set"]]
+            train = " ".join(["lorafit train", *([args.config] if args.config else [])])
+            print(f"\ndoes not fit in {human(limit)}; estimated {human(fit['total'])} with:")
+            print(f"  {train} --set " + " --set ".join(sets))
+    if error is not None:
+        raise error
+    return 0

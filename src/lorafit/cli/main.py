@@ -16,6 +16,7 @@ from lorafit.cli.commands import (
     cmd_generate,
     cmd_inspect,
     cmd_merge,
+    cmd_plan,
     cmd_quickstart,
     cmd_train,
 )
@@ -167,6 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter", help="adapter folder")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
     i.set_defaults(func=cmd_inspect)
+
+    pl = sub.add_parser(
+        "plan",
+        help="will it fit? estimate a run's peak memory and step time before training",
+        description="Estimate the peak memory of the run a config describes (from the model "
+        "config: nothing loaded), measure its step time with a short probe, and with --memory "
+        "propose the --set changes that make it fit.",
+    )
+    pl.add_argument("config", nargs="?", help="YAML run config (as for lorafit train)")
+    _add_overrides(pl)
+    pl.add_argument(
+        "--memory",
+        metavar="LIMIT",
+        help="memory the run must fit in (4GB, 4G, 4096MB, 3.5GiB; powers of 1024): if the "
+        "estimate exceeds it, print the cheapest --set changes that fit",
+    )
+    pl.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="estimate only: skip the short measured run (step time and measured peak)",
+    )
+    pl.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    pl.set_defaults(func=cmd_plan)
 
     q = sub.add_parser(
         "quickstart",

@@ -24,12 +24,18 @@ class _QuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
         ctx.module = module
+        if module.keep_dequantized:  # only under activation checkpointing: see QuantizedLinear
+            w = module.dequantize(x.dtype)  # (out, in)
+            ctx.save_for_backward(w)
+            return torch.nn.functional.linear(x, w)  # (..., out)
+        ctx.save_for_backward()
         return module.backend.linear(x, module.storage(), x.dtype)  # (..., out)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        w = ctx.module.dequantize(dy.dtype)  # (out, in), freed when this returns
-        return dy @ w, None  # (..., out) @ (out, in) -> (..., in)
+        saved = ctx.saved_tensors
+        w = saved[0] if saved else ctx.module.dequantize(dy.dtype)  # (out, in)
+        return dy @ w.to(dy.dtype), None  # (..., out) @ (out, in) -> (..., in)
 
 
 class QuantizedLinear(nn.Module):
@@ -53,6 +59,12 @@ class QuantizedLinear(nn.Module):
                 # Not persistent: a state_dict (and so a checkpoint) never holds the base weights.
                 self.register_buffer(_PREFIX + key, value, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), False)
+        self.keep_dequantized = False
+        """Keep the dequantized weight from forward for backward. Right only under activation
+        checkpointing (set by train.step.prepare_for_training): there the first forward keeps
+        nothing, and the recompute's copy lives just until this layer's backward, so each step
+        dequantizes twice instead of three times for one layer's weight of memory. Without
+        checkpointing it would keep every layer's float weight: the whole model unquantized."""
 
     @classmethod
     def quantize(

@@ -113,4 +113,11 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU), in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # VmHWM: unlike ru_maxrss it does not carry a (bigger) parent's size across exec
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorafit.data.records import load_split_records
-from lorafit.models.loading import load_model, load_tokenizer
+from lorafit.models.loading import load_model, load_tokenizer, pick_device
 from lorafit.ops.precision import resolve_precision
 from lorafit.tasks import Task
 from lorafit.train import checkpoints as ckpt
@@ -128,13 +128,24 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
     )
 
 
+def load_dtype_for(cfg: RunConfig, fresh_head: bool) -> str:
+    """model.dtype, except that a bf16 LoRA run whose every loaded weight stays frozen streams
+    its weights straight into bf16: prepare_for_training would cast them to exactly these values
+    anyway, after a float32 load that briefly held the model at twice the size. Runs that train
+    loaded weights (full fine-tuning, modules_to_save) or a fresh head keep them float32."""
+    m, t = cfg.model, cfg.train
+    if m.dtype != "auto" or t.method != "lora" or cfg.lora.modules_to_save or fresh_head:
+        return m.dtype
+    return "bfloat16" if resolve_precision(t.precision, pick_device(m.device)) == "bf16" else "auto"
+
+
 def _load(cfg: RunConfig, task: Task, num_labels: int | None):
     m = cfg.model
     return load_model(
         m.name,
         head=task.head,
         num_labels=num_labels,
-        dtype=m.dtype,
+        dtype=load_dtype_for(cfg, num_labels is not None),
         device=m.device,
         cache_dir=m.cache_dir,
         quantize=m.quantize,

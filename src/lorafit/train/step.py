@@ -12,6 +12,7 @@ from torch import nn
 from lorafit.data.batching import batches, num_batches
 from lorafit.ops.lean_blocks import patch_model
 from lorafit.ops.precision import autocast_context
+from lorafit.quant import quantized_modules
 from lorafit.tasks import Task, get_task
 
 
@@ -41,6 +42,8 @@ def prepare_for_training(
     patch_model(model, recompute_swiglu=recompute_mlp and not gradient_checkpointing)
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for _, layer in quantized_modules(model):  # the recompute's dequantized weight serves
+            layer.keep_dequantized = True  # its backward: 2 dequantizations per step, not 3
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
 
