@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lorafit.models import gguf_cache, streaming
+import lorafit.models.gguf_cache as gguf_cache
+import lorafit.models.streaming as streaming
 from lorafit.models.sources import alias_for, file_sha256, hub_id_of, resolve_model_path
 from lorafit.quant import pick_backend, quantized_modules
 from lorafit.quant.backends import check_scheme, import_libraries_quietly

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lorafit.quant import int8 as _int8  # noqa: F401  (registers the int8 backends)
-from lorafit.quant import nf4 as _nf4  # noqa: F401  (registers the NF4 backends)
+import lorafit.quant.int8  # noqa: F401  (registers the int8 backends)
+import lorafit.quant.nf4  # noqa: F401  (registers the NF4 backends)
 from lorafit.quant.backends import Backend, Storage, pick_backend
 
 _PREFIX = "q_"
