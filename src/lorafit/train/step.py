@@ -4,12 +4,14 @@ forward + backward over a step's micro-batches."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from lorafit.data.batching import batches, num_batches
+from lorafit.ops.attention import attention_kernel
 from lorafit.ops.lean_blocks import patch_model
 from lorafit.ops.precision import autocast_context
 from lorafit.quant import quantized_modules
@@ -65,10 +67,13 @@ def forward_backward(
     step_loss = 0.0
     for batch in group:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast_context(precision, device):
-            loss = task.loss(model, batch, chunk)
-        weight = task.target_count(batch) / n_total
-        (loss * weight).backward()
+        ids = batch.get("input_ids")
+        kernel = attention_kernel(model, ids) if ids is not None else contextlib.nullcontext()
+        with kernel:  # backward too: checkpointing recomputes the forward in it
+            with autocast_context(precision, device):
+                loss = task.loss(model, batch, chunk)
+            weight = task.target_count(batch) / n_total
+            (loss * weight).backward()
         step_loss += loss.item() * weight
     grads = [p for p in model.parameters() if p.requires_grad]
     gnorm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))
