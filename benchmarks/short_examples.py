@@ -50,6 +50,7 @@ ROWS = {  # key -> (label, library, extra: PEFT precision or lorafit --set overr
     ),
 }
 BASELINE = "peft-fp32"
+BEFORE = "lorafit-before"  # --before REF: lorafit's default at an earlier commit, side by side
 
 
 def write_config(path: Path, batch: int, max_length: int, n_examples: int) -> Path:
@@ -140,9 +141,25 @@ def peft_child(precision: str, config: str, steps: int, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- driver --
+def checkout(ref: str, scratch: Path) -> Path:
+    """The source tree of commit `ref` (a detached worktree in scratch), for the --before row."""
+    tree = scratch / "before"
+    if tree.exists():
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+        subprocess.run(["rm", "-rf", str(tree)], check=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=REPO, check=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "-q", str(tree), ref], cwd=REPO, check=True
+    )
+    return tree
+
+
 def run_once(key: str, steps: int, config: Path, scratch: Path, tag: str) -> dict:
     """One whole process: (wall seconds, peak RSS MB, final validation loss)."""
     label, lib, extra = ROWS[key]
+    env = dict(os.environ)
+    if key == BEFORE:
+        env["PYTHONPATH"] = str(scratch / "before" / "src")
     run_dir = scratch / f"{key}_{steps}_{tag}"
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
@@ -158,7 +175,7 @@ def run_once(key: str, steps: int, config: Path, scratch: Path, tag: str) -> dic
             cmd += ["--set", s]
     log = open(run_dir / "log.txt", "w")
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -251,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--before", help="also time lorafit's default at this earlier commit (git ref)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--scratch", default="runs/short_examples")
     p.add_argument("--out", default=str(RESULTS))
@@ -270,6 +288,13 @@ def main(argv=None) -> int:
         scratch / "config.yaml", args.batch, args.max_length, args.long * args.batch + 32
     )
     keys = args.rows.split(",")
+    if args.before:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", args.before], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        ROWS[BEFORE] = (f"lorafit default at {sha} (before)", "lorafit", [])
+        checkout(args.before, scratch)
+        keys.insert(keys.index("lorafit") if "lorafit" in keys else len(keys), BEFORE)
     started = time.perf_counter()
     results: dict = {k: {args.long: [], args.short: []} for k in keys}
     for rnd in range(args.rounds):  # every row once per round: drift hits all rows alike
@@ -285,7 +310,7 @@ def main(argv=None) -> int:
         f"{args.max_length}, r=16 all-linear, {args.rounds} interleaved round(s); examples/s "
         f"from whole processes: ({args.long} - {args.short}) steps x {args.batch} / (wall of "
         f"{args.long} steps - wall of {args.short}). Peak RSS: the {args.long}-step process. "
-        "Val loss: 128 devset rows after the long run.",
+        f"Val loss: the first {16 * args.batch} devset rows, after the long run.",
     ]
     if args.rounds:
         lines += ["", *table(results, keys, args.batch, args.long, args.short)]
