@@ -17,7 +17,7 @@ callbacks (the checkpoint callback saves a stopped run).
 
 from __future__ import annotations
 
-from lorafit.train import checkpoints as ckpt
+import lorafit.train.checkpoints as ckpt
 from lorafit.train.run_log import MetricsLog
 from lorafit.train.state import StepOutput
 

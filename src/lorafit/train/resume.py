@@ -9,7 +9,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from lorafit.train import checkpoints as ckpt
+import lorafit.train.checkpoints as ckpt
 from lorafit.train.config import RunConfig
 from lorafit.train.state import PAYLOAD_KEYS
 from lorafit.tuner.peft_format import read_adapter

@@ -20,7 +20,7 @@ from lorafit.data.records import load_split_records
 from lorafit.models.loading import load_model, load_tokenizer, pick_device
 from lorafit.ops.precision import resolve_precision
 from lorafit.tasks import Task
-from lorafit.train import checkpoints as ckpt
+import lorafit.train.checkpoints as ckpt
 from lorafit.train.config import NO_VALIDATION_FILE, RunConfig, early_stopping_needs_validation
 from lorafit.train.step import prepare_for_training
 from lorafit.tuner.inject import inject

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lorafit.train import checkpoints as ckpt
+import lorafit.train.checkpoints as ckpt
 
 PAYLOAD_KEYS = ("optimizer", "scheduler", "rng", "progress", "config")
 

@@ -24,8 +24,8 @@ from lorafit import atomic
 from lorafit.data.batching import num_batches
 from lorafit.ops.precision import autocast_context
 from lorafit.tasks import get_task
-from lorafit.train import checkpoints as ckpt
-from lorafit.train import resume as resuming
+import lorafit.train.checkpoints as ckpt
+import lorafit.train.resume as resuming
 from lorafit.train.callbacks import Callback, TrainingStopped, default_callbacks
 from lorafit.train.config import RunConfig
 from lorafit.tasks.classification import LABELS_FILE, set_label_names
