@@ -21,51 +21,37 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)  # fp32 math for half inputs
+from lorafit.ops import fused
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
-        xf = x.to(_acc(x))  # (..., H) fp32 (or fp64)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        y = weight * (xf * rstd).to(x.dtype)  # as transformers computes it
+        y, rstd = fused.rms_norm_forward(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         ctx.weight_grad = weight.requires_grad
-        return y.to(out_dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xf, dyf = x.to(_acc(x)), dy.to(_acc(x))
-        n = xf * rstd  # (..., H)
-        dn = dyf * weight.to(_acc(x))
-        dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
-        dw = (dyf * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype) if ctx.weight_grad else None
-        return dx.to(x.dtype), dw, None, None
+        dx = fused.rms_norm_backward(x, weight, rstd, dy)
+        dw = fused.rms_norm_weight_grad(x, rstd, dy).to(weight.dtype) if ctx.weight_grad else None
+        return dx, dw, None, None
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return fused.swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         gate, up = ctx.saved_tensors
-        g = gate.to(_acc(gate))
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        d = dout.to(g.dtype)
-        d_up = (d * silu).to(up.dtype)
-        d_gate = (d * up.to(g.dtype) * sig * (1 + g * (1 - sig))).to(gate.dtype)
-        return d_gate, d_up
+        return fused.swiglu_backward(gate, up, dout)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,7 +85,7 @@ class _Recompute:
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
     def tensor(self) -> torch.Tensor:
-        h = F.silu(self.gate) * self.up  # same op, same numbers
+        h = fused.swiglu_forward(self.gate, self.up)  # same op, same numbers
         return h.as_strided(self.size, self.stride, self.offset)
 
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lorafit.ops import fused
+
 IGNORE_INDEX = -100
 
 
@@ -69,18 +71,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = h_all[start : start + chunk], target[start : start + chunk]
-            logits = F.linear(h, W, b).to(acc)  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # d(sum CE)/d logits
-            g = probs.to(dtype)
+            part, g = fused.cross_entropy_grad(F.linear(h, W, b), t)  # g: d(sum CE)/d logits
+            total += part
             if grad_h is not None:
                 grad_h[start : start + chunk] = (g @ W).to(hidden.dtype)
             if want_w:
                 grad_w += (g.T @ h).to(acc)
             if want_b:
-                grad_b += probs.sum(0)
+                grad_b += g.sum(0, dtype=acc)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total

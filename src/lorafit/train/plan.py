@@ -289,7 +289,9 @@ def _probe(cfg: RunConfig, device: torch.device, precision: str) -> tuple[float,
         inject(model, dataclasses.replace(lora, modules_to_save=lora.modules_to_save or heads))
     else:
         model.requires_grad_(True)
-    prepare_for_training(model, precision, t.gradient_checkpointing, t.recompute_mlp)
+    prepare_for_training(
+        model, precision, t.gradient_checkpointing, t.recompute_mlp, t.fused_kernels
+    )
     optimizer = build_optimizer(model.train(), t)
     ids = torch.randint(0, model.config.vocab_size, (t.batch_size, cfg.data.max_length))
     labels = torch.randint(0, 2, (t.batch_size,)) if classify else ids

@@ -113,7 +113,9 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
     if weights_from is not None:
         _restore_weights(model, weights_from, adapter)
     precision = resolve_precision(t.precision, next(model.parameters()).device)
-    prepare_for_training(model, precision, t.gradient_checkpointing, t.recompute_mlp)
+    prepare_for_training(
+        model, precision, t.gradient_checkpointing, t.recompute_mlp, t.fused_kernels
+    )
     return Prepared(
         model,
         tokenizer,

@@ -12,6 +12,7 @@ from torch import nn
 
 from lorafit.data.batching import batches, num_batches
 from lorafit.ops.attention import attention_kernel
+from lorafit.ops.fused import set_fusion
 from lorafit.ops.lean_blocks import patch_model
 from lorafit.ops.precision import autocast_context
 from lorafit.quant import quantized_modules
@@ -23,6 +24,7 @@ def prepare_for_training(
     precision: str,
     gradient_checkpointing: bool = False,
     recompute_mlp: bool = False,
+    fused_kernels: bool = True,
 ) -> None:
     """The lean setup `train` uses (and the benchmark measures).
 
@@ -36,7 +38,9 @@ def prepare_for_training(
     loss moves by ~0.05% relative at step 1 on SmolLM2 (measured by benchmarks/peft_vs_lorafit.py).
     RMSNorm and SwiGLU blocks get the lean autograd functions of `ops/lean_blocks.py`; with
     `recompute_mlp` the SwiGLU output is recomputed in backward rather than kept (moot under
-    checkpointing)."""
+    checkpointing). `fused_kernels` runs their element-wise math as compiled kernels
+    (`ops/fused.py`) rather than eager torch ops."""
+    set_fusion(fused_kernels)
     if precision == "bf16":
         for p in model.parameters():
             if not p.requires_grad and p.dtype == torch.float32:

@@ -1,0 +1,131 @@
+"""Element-wise pieces of a training step fused into one pass each by torch.compile (inductor).
+
+A LoRA step on short examples is memory-bound outside the matmuls: SwiGLU's backward in eager
+torch makes ~12 passes over fp32 tensors of tokens x intermediate values, and took 15-18 ms per
+layer on SmolLM2 at B=8, T=116 (23% of the step on this 2-core machine) where one fused pass takes
+~1.1 ms. Each kernel here is a pure tensor function with an eager reference; `fused(fn)` compiles
+it on first use (dynamic shapes: one compile serves every batch shape; inductor's on-disk cache
+makes later processes cheap) and falls back to the eager function, for the rest of the process,
+if compiling fails (no C++ compiler, no Triton on a GPU). `set_fusion(False)` (train.fused_kernels)
+runs the eager references throughout. The numbers are the eager references' up to rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_enabled = os.environ.get("LORAFIT_FUSED", "1") != "0"
+
+
+def set_fusion(enabled: bool) -> None:
+    """Use the compiled kernels (True) or the eager references (False) from now on."""
+    global _enabled
+    _enabled = enabled
+
+
+def fusion_enabled() -> bool:
+    return _enabled
+
+
+class _Fused:
+    """`fn` compiled on first call; the eager `fn` when fusion is off or compiling failed."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.name = fn, fn.__name__
+        self.compiled: Callable | None = None
+        self.failed = False
+
+    def __call__(self, *args):
+        if not _enabled or self.failed or torch.compiler.is_compiling():
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        try:
+            return self.compiled(*args)
+        except Exception as exc:  # a missing compiler or backend: eager from now on
+            self.failed = True
+            msg = (
+                f"lorafit: could not compile {self.name} ({type(exc).__name__}); running it eagerly"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return self.fn(*args)
+
+
+def fused(fn: Callable) -> _Fused:
+    return _Fused(fn)
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp32 math for half inputs
+
+
+# ------------------------------------------------------------------------------- SwiGLU --
+@fused
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, as the Llama MLP computes it."""
+    return F.silu(gate) * up
+
+
+@fused
+def swiglu_backward(
+    gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of silu(gate) * up, in fp32 math."""
+    g = gate.to(_acc(gate))
+    sig = torch.sigmoid(g)
+    d = dout.to(g.dtype)
+    d_up = (d * g * sig).to(up.dtype)
+    d_gate = (d * up.to(g.dtype) * sig * (1 + g * (1 - sig))).to(gate.dtype)
+    return d_gate, d_up
+
+
+# ------------------------------------------------------------------------------ RMSNorm --
+@fused
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * x / rms(x) as transformers computes it, cast to out_dtype; 1 / rms per row)."""
+    xf = x.to(_acc(x))
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    y = weight * (xf * rstd).to(x.dtype)
+    return y.to(out_dtype), rstd
+
+
+@fused
+def rms_norm_backward(
+    x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor
+) -> torch.Tensor:
+    """d x of rms_norm_forward (the weight's gradient is `rms_norm_weight_grad`)."""
+    xf, dyf = x.to(_acc(x)), dy.to(_acc(x))
+    n = xf * rstd
+    dn = dyf * weight.to(_acc(x))
+    return (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+
+
+@fused
+def rms_norm_weight_grad(x: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """d weight of rms_norm_forward (fp32), for norms that train."""
+    n = x.to(_acc(x)) * rstd
+    return (dy.to(n.dtype) * n).reshape(-1, n.shape[-1]).sum(0)
+
+
+# ------------------------------------------------------------------------- cross-entropy --
+@fused
+def cross_entropy_grad(
+    logits: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy of logits (n, V) against target (n,), its gradient softmax -
+    one-hot in the logits' dtype), in fp32 math."""
+    x = logits.to(_acc(logits))
+    lse = torch.logsumexp(x, dim=-1)  # (n,)
+    picked = x.gather(1, target[:, None])  # (n, 1)
+    g = (x - lse[:, None]).exp().scatter_add(1, target[:, None], torch.full_like(picked, -1.0))
+    return (lse - picked.squeeze(1)).sum(), g.to(logits.dtype)
