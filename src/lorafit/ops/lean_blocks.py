@@ -29,7 +29,8 @@ from lorafit.ops import fused
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
-        y, rstd = fused.rms_norm_forward(x, weight, eps, out_dtype)
+        # detached: the compiled kernel then serves training and evaluation alike (no recompile)
+        y, rstd = fused.rms_norm_forward(x.detach(), weight.detach(), eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         ctx.weight_grad = weight.requires_grad
         return y
@@ -46,7 +47,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
         ctx.save_for_backward(gate, up)
-        return fused.swiglu_forward(gate, up)
+        return fused.swiglu_forward(gate.detach(), up.detach())
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):

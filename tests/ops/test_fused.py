@@ -1,0 +1,151 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import model_input, randomize_adapters, tiny_llama
+from lorafit import LoraConfig, inject
+from lorafit.ops import fused
+from lorafit.ops.lm_loss import causal_lm_loss
+from lorafit.train.step import prepare_for_training
+
+
+@pytest.fixture(autouse=True)
+def fusion_on():
+    fused.set_fusion(True)
+    yield
+    fused.set_fusion(True)
+
+
+def _inputs(kernel: str, shape: tuple[int, ...], dtype: torch.dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    H = shape[-1]
+    if kernel == "swiglu_forward":
+        return r(*shape), r(*shape)
+    if kernel == "swiglu_backward":
+        return r(*shape), r(*shape), r(*shape)
+    x, w = r(*shape) * 3, r(H)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    if kernel == "rms_norm_forward":
+        return x, w, 1e-6, dtype
+    if kernel == "rms_norm_backward":
+        return x, w, rstd, r(*shape)
+    if kernel == "rms_norm_weight_grad":
+        return x, rstd, r(*shape)
+    logits = r(shape[0] * shape[1], 50) * 4  # cross_entropy_grad: (n, V)
+    return logits, torch.randint(0, 50, (logits.shape[0],), generator=g)
+
+
+KERNELS = [
+    "swiglu_forward",
+    "swiglu_backward",
+    "rms_norm_forward",
+    "rms_norm_backward",
+    "rms_norm_weight_grad",
+    "cross_entropy_grad",
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", KERNELS)
+def test_compiled_kernel_matches_its_eager_reference_at_every_shape(name, dtype):
+    kernel = getattr(fused, name)
+    for shape in [(2, 7, 24), (3, 13, 24)]:  # batches of another length reuse the compile
+        args = _inputs(name, shape, dtype)
+        got, want = kernel(*args), kernel.fn(*args)
+        assert kernel.compiled is not None and not kernel.failed
+        for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * w.abs().max())
+
+
+def test_cross_entropy_grad_is_the_loss_and_gradient_of_f_cross_entropy():
+    logits, target = _inputs("cross_entropy_grad", (4, 9, 8), torch.float32)
+    leaf = logits.clone().requires_grad_(True)
+    want = F.cross_entropy(leaf, target, reduction="sum")
+    want.backward()
+    loss, grad = fused.cross_entropy_grad(logits, target)
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(grad, leaf.grad)
+
+
+def test_swiglu_backward_is_the_gradient_of_swiglu_forward():
+    gate, up, dout = _inputs("swiglu_backward", (2, 5, 16), torch.float32)
+    g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    (F.silu(g) * u).backward(dout)
+    d_gate, d_up = fused.swiglu_backward(gate, up, dout)
+    torch.testing.assert_close(d_gate, g.grad)
+    torch.testing.assert_close(d_up, u.grad)
+
+
+def test_a_kernel_that_cannot_compile_warns_once_and_runs_eagerly(monkeypatch):
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(1)
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(fused.torch, "compile", broken_compile)
+    kernel = fused.fused(fused.swiglu_forward.fn)
+    gate, up = _inputs("swiglu_forward", (2, 3, 8), torch.float32)
+    with pytest.warns(RuntimeWarning, match="could not compile swiglu_forward"):
+        out = kernel(gate, up)
+    torch.testing.assert_close(out, F.silu(gate) * up)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(kernel(gate, up), out)  # eager now, no second try or warning
+    assert calls == [1] and kernel.failed
+
+
+def test_fused_kernels_false_in_the_run_config_runs_eager_torch(monkeypatch):
+    def no_compile(fn, **kwargs):
+        raise AssertionError("compiled although fused_kernels is off")
+
+    monkeypatch.setattr(fused.torch, "compile", no_compile)
+    kernel = fused.fused(fused.swiglu_backward.fn)
+    model = tiny_llama()
+    prepare_for_training(model, "fp32", fused_kernels=False)
+    assert not fused.fusion_enabled()
+    args = _inputs("swiglu_backward", (2, 3, 8), torch.float32)
+    torch.testing.assert_close(kernel(*args), kernel.fn(*args))
+    assert kernel.compiled is None
+
+
+def _loss_and_grads(precision: str, fused_kernels: bool):
+    model = tiny_llama()
+    inject(model, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    prepare_for_training(model, precision, fused_kernels=fused_kernels)
+    model.train()
+    ids = model_input("llama")["input_ids"]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = causal_lm_loss(model, batch, 8)[0]
+    loss.backward()
+    grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+    assert len(grads) == 2 * 7 * 2  # A and B of 7 linears in each of 2 layers
+    return loss.detach(), torch.cat(grads)
+
+
+def test_fused_and_eager_fp32_training_give_the_same_loss_and_adapter_grads():
+    loss_on, grads_on = _loss_and_grads("fp32", True)
+    loss_off, grads_off = _loss_and_grads("fp32", False)
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads_on, grads_off, rtol=1e-5, atol=1e-5 * grads_off.abs().max())
+
+
+def test_fused_bf16_training_is_as_close_to_fp32_as_eager_bf16():
+    """Under bf16 both paths round differently; the fused one must not round worse."""
+    loss_ref, grads_ref = _loss_and_grads("fp32", False)
+    err = {}
+    for on in (True, False):
+        loss, grads = _loss_and_grads("bf16", on)
+        assert abs(loss - loss_ref) / loss_ref < 1e-3
+        err[on] = ((grads - grads_ref).norm() / grads_ref.norm()).item()
+    assert err[True] < 1.25 * err[False] + 1e-3, err
