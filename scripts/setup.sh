@@ -11,3 +11,8 @@ if ! [ -d /usr/share/wordnet ] && command -v apt-get >/dev/null && [ "$(id -u)" 
   (apt-get update -qq && apt-get install -y -qq wordnet-base >/dev/null) \
     || echo "note: wordnet-base not installed; METEOR will match exact words and stems only"
 fi
+# Opt-in (CI sets it): llama.cpp's Python binding, built from source (~5 min on 2 cores), for the
+# tests that run exported GGUFs in a real llama.cpp (tests/export/test_llama_cpp.py).
+if [ "${LORAFIT_LLAMA_CPP:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" $PIP llama-cpp-python==0.3.36  # NATIVE=OFF: no illegal q8_0 code
+fi

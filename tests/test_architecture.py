@@ -13,7 +13,19 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "lorafit"
 # Lowest first: a module may import from its own layer and the layers before it, never after.
-LAYERS = ["atomic", "quant", "tuner", "models", "data", "ops", "tasks", "train", "infer", "cli"]
+LAYERS = [
+    "atomic",
+    "quant",
+    "tuner",
+    "models",
+    "data",
+    "ops",
+    "tasks",
+    "train",
+    "infer",
+    "export",
+    "cli",
+]
 TOP = {
     "lorafit",
     "lorafit.__main__",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lorafit.train.config import load_run_config
 
@@ -95,6 +96,63 @@ def cmd_merge(args: argparse.Namespace) -> int:
             f"{report['probe']}); saved in {REPORT_FILE}"
         )
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lorafit.export import export
+
+    report = export(
+        args.adapter,
+        args.format,
+        args.out,
+        args.dtype,
+        args.model,
+        args.force,
+        modelfile=not args.no_modelfile,
+        shard_size=args.shard_size,
+    )
+    size = Path(args.out).stat().st_size / 2**20 if Path(args.out).is_file() else None
+    what = f" ({size:.1f} MiB, {report.get('dtype', 'f32')})" if size is not None else ""
+    print(f"{args.format} written to {args.out}{what}")
+    if report.get("modelfile"):
+        note = "" if report["ollama_template"] else " (no TEMPLATE: Ollama reads the GGUF's)"
+        print(f"Ollama Modelfile: {report['modelfile']}{note}; ollama create NAME -f Modelfile")
+    if args.format == "gguf-lora":
+        print(f"use it on its base: llama-cli -m {report['base_gguf']} --lora {args.out}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from lorafit.export.check import TOLERANCE, check
+
+    if args.tokens < 1:
+        raise ValueError("--tokens must be at least 1")
+    result = check(args.adapter, args.gguf, args.url, args.prompts, args.tokens, args.served_model)
+    rows = result["rows"]
+    if args.json:
+        out = {**result, "rows": [{**asdict(r), "ok": r.ok} for r in rows]}
+        print(json.dumps(out, indent=2))
+        return 0 if result["ok"] else 1
+    print(
+        f"{result['prompts']} probe prompts, {args.tokens} greedy tokens each; reference: the adapter unmerged, fp32"
+    )
+    print(
+        f"{'row':9} {'runtime':28} {'dtype':8} {'greedy equal':>13} {'logit err':>10} {'limit':>7}  result"
+    )
+    for r in rows:
+        max_err, share = TOLERANCE.get(r.dtype, TOLERANCE["f16"])
+        err = "-" if r.logit_error is None else f"{r.logit_error:.2e}"
+        limit = "-" if max_err is None else f"{max_err:.0e}"
+        status = "ok" if r.ok else "FAIL"
+        print(
+            f"{r.name:9} {r.runtime[:28]:28} {r.dtype:8} {r.greedy_equal:>6}/{r.prompts:<6} {err:>10} {limit:>7}  {status} (needs {share:.0%} equal)"
+        )
+        for note in r.notes:
+            print(f"          {note}")
+    print("loads in: " + "; ".join(f"{k}: {v}" for k, v in result["lint"].items()))
+    return 0 if result["ok"] else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -12,9 +12,11 @@ import os
 import sys
 
 from lorafit.cli.commands import (
+    cmd_check,
     cmd_eval,
     cmd_generate,
     cmd_inspect,
+    cmd_export,
     cmd_merge,
     cmd_plan,
     cmd_quickstart,
@@ -159,6 +161,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     m.set_defaults(func=cmd_merge)
+
+    x = sub.add_parser(
+        "export",
+        help="export an adapter for llama.cpp / Ollama (GGUF) or transformers (merged folder)",
+        description="Write a trained adapter as files other runtimes load: gguf (the merged "
+        "model, one file), gguf-lora (the adapter alone, applied on the base GGUF by llama.cpp / "
+        "Ollama), hf (a merged transformers folder). GGUF exports get an Ollama Modelfile beside "
+        "them. Nothing is downloaded and no llama.cpp build is needed.",
+    )
+    x.add_argument("--adapter", required=True, help="adapter folder")
+    x.add_argument("--format", required=True, choices=["gguf", "gguf-lora", "hf"])
+    x.add_argument("--out", required=True, help="output file (.gguf) or folder (hf)")
+    x.add_argument(
+        "--dtype",
+        help="gguf: f16 (default), f32, bf16, q8_0; hf: auto (float32), bfloat16, float16",
+    )
+    x.add_argument("--model", help="base model: the .gguf it was trained on (default: recorded)")
+    x.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
+    x.add_argument("--shard-size", help="hf: largest safetensors shard (default 2GB)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser(
+        "check",
+        help="parity gate: the adapter vs its merged model, a GGUF, a running endpoint",
+        description="Compare greedy continuations (and logits) of the adapter, its merged model "
+        "and, when given, a GGUF and an OpenAI-compatible endpoint on probe prompts; check the "
+        "GGUF's chat template and EOS and the base's sha256; lint which runtimes load the "
+        "adapter. Exits 1 when a row is beyond its dtype's tolerance.",
+    )
+    c.add_argument("--adapter", required=True, help="adapter folder")
+    c.add_argument("--gguf", help="a GGUF exported from it (llama.cpp runs it when installed)")
+    c.add_argument("--url", help="an OpenAI-compatible server, e.g. http://localhost:8080")
+    c.add_argument("--served-model", help="model name at --url (default: its first model)")
+    c.add_argument("--prompts", help="probe prompts: one per line, or JSON lines with 'prompt'")
+    c.add_argument("--tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
+    c.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    c.set_defaults(func=cmd_check)
 
     i = sub.add_parser(
         "inspect",

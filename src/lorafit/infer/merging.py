@@ -42,27 +42,14 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.logits.float()  # (B, T, V) or (B, labels)
 
 
-def merge_to_folder(
-    adapter: str,
-    out: str,
-    model: str | None = None,
-    dtype: str = "auto",
-    base_quantize: str = "auto",
-    force: bool = False,
-) -> dict[str, Any]:
-    """Merge `adapter` into its base and write the merged model to `out` (atomically; an existing
-    non-empty `out` needs `force`). `base_quantize`: auto (as the adapter was trained), none (the
-    full-precision base), nf4 or int8. Returns the report (for a quantized base: the logit
-    differences between the merged model and the QLoRA model)."""
+def merged_model(
+    adapter: str, model: str | None = None, dtype: str = "auto", base_quantize: str = "auto"
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(the plain merged model in `dtype`, its tokenizer or None, the report) for `adapter`; a
+    QLoRA adapter is merged into its dequantized base and compared with the QLoRA model (see the
+    module docstring)."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto (float32), {', '.join(DTYPES)}")
-    if base_quantize not in ("auto", "none", *SCHEMES):
-        raise ValueError(
-            f"unknown base quantization {base_quantize!r}; choose auto, none, {', '.join(SCHEMES)}"
-        )
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-        raise FileExistsError(f"{target} exists and is not empty; pass --force to replace it")
     identity = read_base_identity(Path(adapter))
     scheme = identity.get("quantize") or "none" if base_quantize == "auto" else base_quantize
     out_dtype = DTYPES.get(dtype, torch.float32)
@@ -101,10 +88,39 @@ def merge_to_folder(
             mean_abs_logit_diff=diff.mean().item(),
             max_abs_logit=qlora.abs().max().item(),
         )
-    net = net.to(out_dtype)
+    return net.to(out_dtype), tokenizer, report
+
+
+def merge_to_folder(
+    adapter: str,
+    out: str,
+    model: str | None = None,
+    dtype: str = "auto",
+    base_quantize: str = "auto",
+    force: bool = False,
+    max_shard_size: str | int = "2GB",
+    extra_files: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Merge `adapter` into its base and write the merged model to `out` (atomically; an existing
+    non-empty `out` needs `force`), in safetensors shards of at most `max_shard_size`, with
+    `extra_files` ({name: text}, e.g. a model card) beside it. `base_quantize`: auto (as the adapter was trained), none (the
+    full-precision base), nf4 or int8. Returns the report (for a quantized base: the logit
+    differences between the merged model and the QLoRA model)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto (float32), {', '.join(DTYPES)}")
+    if base_quantize not in ("auto", "none", *SCHEMES):
+        raise ValueError(
+            f"unknown base quantization {base_quantize!r}; choose auto, none, {', '.join(SCHEMES)}"
+        )
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise FileExistsError(f"{target} exists and is not empty; pass --force to replace it")
+    net, tokenizer, report = merged_model(adapter, model, dtype, base_quantize)
 
     def build(tmp: Path) -> None:
-        net.save_pretrained(tmp, safe_serialization=True)
+        net.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if tokenizer is not None:  # merging needs only weights; the tokenizer travels if present
             tokenizer.save_pretrained(tmp)
         for name in task_of_folder(Path(adapter)).marker_files:  # e.g. label names

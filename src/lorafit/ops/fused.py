@@ -13,7 +13,6 @@ runs the eager references throughout. The numbers are the eager references' up t
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Callable
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_enabled = os.environ.get("LORAFIT_FUSED", "1") != "0"
+_enabled = True  # train.fused_kernels sets it through train.step.prepare_for_training
 
 
 def set_fusion(enabled: bool) -> None:
