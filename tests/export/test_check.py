@@ -20,7 +20,9 @@ def exported(adapter, tmp_path_factory):
 def test_a_faithful_gguf_passes(adapter, exported):
     result = check(str(adapter), str(exported), new_tokens=8)
     rows = {r.name: r for r in result["rows"]}
-    assert result["ok"], result
+    assert result["ok"], [
+        (r.name, r.greedy_equal, r.logit_error, r.notes, r.ok) for r in result["rows"]
+    ]
     assert rows["merged"].greedy_equal == rows["merged"].prompts == 5
     assert rows["gguf"].greedy_equal == 5 and rows["gguf"].logit_error < 1e-2
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lorafit.export.formats import base_gguf
 from lorafit.infer.loading import load_for_inference, read_base_identity
 from lorafit.tuner import merge_and_unload, read_adapter
 
@@ -231,14 +232,11 @@ def check(
     eos = tokenizer.eos_token_id
     rows = []
     base_note = []
-    identity = read_base_identity(folder)
-    recorded = model.__dict__.get("lorafit_base") or {}
-    if (
-        identity.get("sha256")
-        and recorded.get("sha256")
-        and identity["sha256"] != recorded["sha256"]
-    ):
-        base_note.append("MISMATCH the base loaded is not the one the adapter recorded (sha256)")
+    try:  # the base GGUF the adapter came from, checked against the sha256 it recorded
+        base_gguf(folder, None)
+    except ValueError as exc:
+        if "sha256" in str(exc):
+            base_note.append(f"MISMATCH {exc}")
     merged = merge_and_unload(model, verify=True)
     rows.append(
         _compare(

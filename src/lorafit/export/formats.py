@@ -120,7 +120,7 @@ def lora_pairs(net) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float
                     f"llama.cpp applies plain LoRA only and {path} uses {kinds}; export the merged "
                     "model instead (--format gguf)"
                 )
-            if layer.kind.name != "linear":
+            if not layer.kind.gguf_lora:
                 raise ValueError(
                     f"llama.cpp's LoRA GGUF cannot hold the {layer.kind.name} adapter on {path}; "
                     "export the merged model instead (--format gguf)"

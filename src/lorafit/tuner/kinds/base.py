@@ -32,6 +32,9 @@ class LayerKind(Registered):
     module_types: tuple[type, ...] = ()
     """The module classes of this kind (and their subclasses, unless those have a kind of their
     own)."""
+    gguf_lora: bool = False
+    """llama.cpp's LoRA GGUF can hold this kind's adapters (A, B over a weight matrix it applies
+    as W + alpha/r B A)."""
     all_linear: bool = False
     """Whether target_modules="all-linear" selects these modules (PEFT: Linear and Conv1D)."""
     fan_in_fan_out: bool = False

@@ -14,6 +14,7 @@ class LinearKind(LayerKind):
     label = "nn.Linear"
     module_types = (nn.Linear,)
     all_linear = True
+    gguf_lora = True
     svd_init = True
 
     def fan_dims(self, module: nn.Linear) -> tuple[int, int]:
