@@ -19,8 +19,6 @@ from lorafit.models.sources import file_sha256, resolve_model_path
 from lorafit.tuner import read_adapter
 from lorafit.tuner.layer import LoraLayer
 
-HF_DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not force:
@@ -71,16 +69,8 @@ def _write_modelfile(out: Path, source: Path, adapter: Path, lora: bool) -> dict
 
 def _system_prompt(adapter: Path) -> str | None:
     """The system prompt the adapter was trained with (data.system_prompt of its run), if any."""
-    for folder in (adapter, adapter.parent):
-        path = folder / "config.json"
-        if path.is_file():
-            try:
-                cfg = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                return None
-            if isinstance(cfg, dict) and isinstance(cfg.get("data"), dict):
-                return cfg["data"].get("system_prompt")
-    return None
+    data = _run_files(adapter)[0].get("data")
+    return data.get("system_prompt") if isinstance(data, dict) else None
 
 
 def export_gguf(adapter: str, out: Path, dtype: str, model=None, force=False, modelfile=True):
@@ -228,7 +218,7 @@ def export_hf(
         adapter,
         str(out),
         model=model,
-        dtype=HF_DTYPES[dtype],
+        dtype=dtype,  # export() checked it against the hf format's dtypes
         force=force,
         max_shard_size=shard_size,
         extra_files=card,

@@ -15,6 +15,7 @@ What makes a GGUF load and behave like the trained model in llama.cpp:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def architecture(model: nn.Module) -> str:
     )
 
 
-def _name_map(arch: str, n_blocks: int):
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: str, n_blocks: int):  # built once per (arch, depth), not once per tensor
     import gguf
 
     return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), n_blocks)
@@ -149,9 +151,8 @@ def _as_numpy(t: torch.Tensor, qtype: str) -> tuple[np.ndarray, object]:
     f32 = t.detach().to(torch.float32).contiguous().numpy()
     kind = Q.F32 if t.dim() == 1 else getattr(Q, qtype)
     if kind == Q.Q8_0 and f32.shape[-1] % 32:
-        kind = (
-            Q.F16
-        )  # q8_0 needs rows of whole 32-value blocks, as llama.cpp's converter falls back
+        # q8_0 needs rows of whole 32-value blocks; llama.cpp's converter falls back the same way
+        kind = Q.F16
     return gguf.quants.quantize(f32, kind), kind
 
 
@@ -207,10 +208,8 @@ def write_lora(
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    for key in ("general.name", "general.basename", "general.size_label"):  # which base it fits
-        for k, value, types in _source_fields(source):
-            if k == key:
-                writer.add_key_value(k, value, types[0])
+    names = ("general.name", "general.basename", "general.size_label")  # which base it fits
+    copy_metadata(writer, source, prefixes=names)
     writer.add_file_type(DTYPES["f32"][0])
     for hf_name, (A, B) in pairs.items():
         heads = _rotary_heads(hf_name, config)

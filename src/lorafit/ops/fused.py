@@ -12,14 +12,11 @@ runs the eager references throughout. The numbers are the eager references' up t
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 _enabled = True  # train.fused_kernels sets it through train.step.prepare_for_training
 
