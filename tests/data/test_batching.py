@@ -312,7 +312,7 @@ def test_causal_collator_packed_positions_and_mixing_error():
         packs + [{"input_ids": [4, 5, 6, 7], "labels": [4, 5, 6, 7], "position_ids": [0, 1, 2, 3]}]
     )
     assert batch["position_ids"].tolist() == [[0, 1, 0, 0], [0, 1, 2, 3]]
-    assert batch["labels"].tolist()[0] == [1, 2, 3, -100]
+    assert batch["labels"].tolist()[0] == [1, 2, -100, -100]  # 2 does not learn to predict 3
     with pytest.raises(ValueError, match="cannot mix packed and unpacked"):
         CausalLMCollator(pad_token_id=0)(packs + [{"input_ids": [1], "labels": [1]}])
     with pytest.raises(ValueError, match="pad_token_id is None"):
@@ -357,3 +357,32 @@ def test_batches_shard_across_ranks():
     assert sorted(i for s in shards for b in s for i in b) == list(range(15))
     # 13 = 2 global batches of 6 + 1 left over: too few for every rank, so dropped (equal step counts)
     assert num_batches(13, 2, world_size=3) == 2
+
+
+def test_padding_free_collator_lays_documents_end_to_end():
+    examples = [
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+        {"input_ids": [8, 9], "labels": [-100, 9]},
+    ]
+    batch = CausalLMCollator(pad_token_id=0, padding_free=True)(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["doc_lens"].tolist() == [3, 2]
+    # the first token of a document is never a target: 7 must not learn to predict 8
+    assert batch["labels"].tolist() == [[5, 6, 7, -100, 9]]
+    assert "attention_mask" not in batch
+    padded = CausalLMCollator(pad_token_id=0)(examples)
+    assert int((padded["labels"][:, 1:] != -100).sum()) == int(
+        (batch["labels"][:, 1:] != -100).sum()
+    )
+
+
+def test_packed_rows_do_not_learn_across_documents():
+    packs = pack_examples(
+        [{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7, 8], "labels": [7, 8]}], 8
+    )
+    for padding_free in (False, True):
+        batch = CausalLMCollator(pad_token_id=0, padding_free=padding_free)(packs)
+        assert batch["labels"][0, :4].tolist() == [5, 6, -100, 8]
+    flat = CausalLMCollator(pad_token_id=0, padding_free=True)(packs)
+    assert flat["doc_lens"].tolist() == [2, 2]

@@ -56,3 +56,96 @@ def test_kernel_choice_follows_the_size_of_the_scores():
     with attention.attention_kernel(model, small):
         assert torch.backends.cuda.math_sdp_enabled()
         assert not torch.backends.cuda.flash_sdp_enabled()
+
+
+# ----------------------------------------------------------------------------- padding-free --
+def _examples(lengths=(5, 9, 12, 7), document=False):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, 96, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": ids if document else [-100, -100] + ids[2:]})
+    return out
+
+
+def _grads(make_model, batch, precision="fp32", checkpointing=False, varlen=True):
+    model = make_model()
+    inject(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    prepare_for_training(model, precision, gradient_checkpointing=checkpointing)
+    if varlen:
+        assert attention.enable_lorafit_attention(model)
+    model.train()
+    loss, _ = forward_backward(model, [batch], "causal-lm", precision)
+    return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a, b, tol):
+    assert a[0] == pytest.approx(b[0], rel=tol)
+    for k, g in b[1].items():
+        torch.testing.assert_close(a[1][k], g, rtol=tol, atol=tol * g.abs().max().item())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(precision, checkpointing):
+    examples = _examples()
+    padded = _grads(tiny_llama, CausalLMCollator(0)(examples), precision, checkpointing)
+    flat = CausalLMCollator(0, padding_free=True)(examples)
+    assert flat["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    _assert_same(
+        _grads(tiny_llama, flat, precision, checkpointing),
+        padded,
+        1e-5 if precision == "fp32" else 2e-2,
+    )
+
+
+def test_padding_free_row_keeps_documents_apart():
+    """A document's loss does not change with the documents laid before it in the row."""
+    examples = _examples()
+    model = tiny_llama()
+    attention.enable_lorafit_attention(model)
+    from lorafit.ops.lm_loss import causal_lm_loss
+
+    together = CausalLMCollator(0, padding_free=True)(examples)
+    with torch.no_grad():
+        loss_all, n_all, _ = causal_lm_loss(model, together)
+        rest = CausalLMCollator(0, padding_free=True)(examples[:2] + examples[3:])
+        loss_rest, n_rest, _ = causal_lm_loss(model, rest)
+        one = CausalLMCollator(0, padding_free=True)([examples[2]])
+        loss_one, n_one, _ = causal_lm_loss(model, one)
+    assert n_all == n_rest + n_one
+    assert loss_all * n_all == pytest.approx(loss_rest * n_rest + loss_one * n_one, rel=1e-5)
+
+
+def test_padding_free_without_lorafit_attention_is_still_correct():
+    """transformers' own mask from the position ids (what a model we cannot patch runs)."""
+    examples = _examples()
+    padded = _grads(tiny_llama, CausalLMCollator(0)(examples), varlen=False)
+    flat = _grads(tiny_llama, CausalLMCollator(0, padding_free=True)(examples), varlen=False)
+    _assert_same(flat, padded, 1e-5)
+
+
+def test_padding_free_packed_rows_match_their_block_diagonal_masks():
+    from lorafit.data.batching import pack_examples
+
+    packs = pack_examples(_examples((5, 9, 12, 7, 3, 10), document=True), 20)
+    hf_mask = _grads(tiny_llama, CausalLMCollator(0)(packs), varlen=False)
+    flat = _grads(tiny_llama, CausalLMCollator(0, padding_free=True)(packs))
+    _assert_same(flat, hf_mask, 1e-5)
+
+
+def test_generation_with_lorafit_attention_is_unchanged():
+    model = tiny_llama()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    before = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert attention.enable_lorafit_attention(model)
+    torch.testing.assert_close(model.generate(input_ids=ids, attention_mask=mask, **kw), before)
+
+
+def test_models_outside_the_attention_interface_are_left_alone():
+    model = tiny_llama()
+    model.set_attn_implementation("eager")
+    assert not attention.enable_lorafit_attention(model)
+    assert model.config._attn_implementation == "eager"

@@ -42,8 +42,18 @@ def test_prepare_adds_a_trainable_adapter_for_the_task(make_cfg, tmp_path):
     assert prep.adapter == "default" and prep.precision == "fp32" and prep.label_names is None
     trainable = [n for n, p in prep.model.named_parameters() if p.requires_grad]
     assert trainable and all(".adapters." in n for n in trainable)
+    batch = prep.collator(prep.train[:2])  # padding-free by default: one row, two documents
+    n = sum(len(e["input_ids"]) for e in prep.train[:2])
+    assert batch["input_ids"].shape == (1, n) and len(batch["doc_lens"]) == 2
+    assert prep.model.config._attn_implementation == "lorafit"
+
+
+def test_padding_free_off_pads_to_the_longest(make_cfg, tmp_path):
+    prep = prepare(
+        make_cfg(tmp_path, "train.precision=fp32", "data.padding_free=false"), get_task("causal-lm")
+    )
     batch = prep.collator(prep.train[:2])
-    assert batch["input_ids"].shape[0] == 2
+    assert batch["input_ids"].shape[0] == 2 and "attention_mask" in batch
 
 
 def test_prepare_with_checkpoint_weights(make_cfg, tmp_path):

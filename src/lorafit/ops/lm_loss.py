@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorafit.ops import fused
+from lorafit.ops.attention import Documents
 
 IGNORE_INDEX = -100
 
@@ -48,6 +49,15 @@ def supports_chunked_head(model: nn.Module) -> bool:
     return True
 
 
+def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, end) of chunks of <= chunk rows, except that a last chunk of 1 row joins the one
+    before it: the compiled loss kernel would compile once more for a size-1 dimension."""
+    bounds = [*range(0, n, chunk), n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return list(zip(bounds, bounds[1:]))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ W^T + b, target_i) with its gradients computed chunk by chunk in forward."""
 
@@ -69,12 +79,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = h_all[start : start + chunk], target[start : start + chunk]
-            part, g = fused.cross_entropy_grad(F.linear(h, W, b), t)  # g: d(sum CE)/d logits
+        for start, end in _chunks(hidden.shape[0], chunk):
+            h, t = h_all[start:end], target[start:end]
+            # t copied: a view would tie the compiled kernel's guards to its base's size (recompiles)
+            part, g = fused.cross_entropy_grad(
+                F.linear(h, W, b), t.clone()
+            )  # g: d(sum CE)/d logits
             total += part
             if grad_h is not None:
-                grad_h[start : start + chunk] = (g @ W).to(hidden.dtype)
+                grad_h[start:end] = (g @ W).to(hidden.dtype)
             if want_w:
                 grad_w += (g.T @ h).to(acc)
             if want_b:
@@ -114,7 +127,9 @@ def causal_lm_loss(
 ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """(mean next-token loss over labelled tokens, number of labelled tokens, correct predictions)."""
     labels = batch["labels"]  # (B, T)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "doc_lens")}
+    if "doc_lens" in batch:  # a padding-free row: each layer's attention through ops.attention
+        inputs["lorafit_attention"] = Documents(batch["doc_lens"])
     target = labels[:, 1:]  # (B, T-1)
     keep = target != IGNORE_INDEX  # (B, T-1)
     n = int(keep.sum())

@@ -43,6 +43,9 @@ class Task:
         """Training examples as the loop sees them (a task may pack several into one sequence)."""
         return examples
 
+    padding_free = False
+    """Whether `collator(tokenizer, padding_free=True)` lays a batch out without padding."""
+
     def collator(self, tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         raise NotImplementedError
 

@@ -28,6 +28,7 @@ class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
     head = "causal-lm"
     generative = True
+    padding_free = True
 
     def build_examples(self, records: Sequence[dict], tokenizer, data, labels=None):
         if not records:
@@ -45,8 +46,8 @@ class CausalLM(Task):
         """Training examples packed into max_length sequences when `data.packing` asks for it."""
         return pack_examples(examples, data.max_length) if data.packing else examples
 
-    def collator(self, tokenizer):
-        return CausalLMCollator(tokenizer.pad_token_id)
+    def collator(self, tokenizer, padding_free=False):
+        return CausalLMCollator(tokenizer.pad_token_id, padding_free=padding_free)
 
     def target_count(self, batch):
         # Position 0 is never a target: logits at t-1 predict labels[t].

@@ -68,6 +68,8 @@ class DataOptions:
     """Maximum tokens per example; longer ones are truncated (the start is kept)."""
     packing: bool = False
     """Pack several short examples into one sequence (no padding; positions restart per example)."""
+    padding_free: bool = True
+    """Causal LM: lay each batch's examples end to end in one row, each attending only to itself, so no compute goes to pad tokens (same batches and gradients as padding; off: pad to the longest)."""
     train_on_prompt: bool = False
     """Also learn the prompt tokens (default: loss only on the answer)."""
     system_prompt: str | None = None

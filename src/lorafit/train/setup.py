@@ -18,6 +18,7 @@ from torch import nn
 
 from lorafit.data.records import load_split_records
 from lorafit.models.loading import load_model, load_tokenizer, pick_device
+from lorafit.ops.attention import enable_lorafit_attention
 from lorafit.ops.precision import resolve_precision
 from lorafit.tasks import Task
 import lorafit.train.checkpoints as ckpt
@@ -116,13 +117,14 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
     prepare_for_training(
         model, precision, t.gradient_checkpointing, t.recompute_mlp, t.fused_kernels
     )
+    padding_free = d.padding_free and task.padding_free and enable_lorafit_attention(model)
     return Prepared(
         model,
         tokenizer,
         task,
         train,
         val,
-        task.collator(tokenizer),
+        task.collator(tokenizer, padding_free=True) if padding_free else task.collator(tokenizer),
         precision,
         names,
         no_validation,
