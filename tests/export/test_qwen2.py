@@ -5,7 +5,6 @@ the merged GGUF read back by transformers' GGUF reader and, when installed, run 
 import pytest
 import torch
 
-from conftest import _make_adapter
 from lorafit.export import export
 from lorafit.export.gguf_file import write_model
 from lorafit.infer.merging import merged_model
@@ -43,9 +42,9 @@ def qwen2_base(tmp_path_factory, smollm2_gguf):
     return path
 
 
-@pytest.fixture(scope="module")
-def qwen2_adapter(tmp_path_factory, qwen2_base, cache):
-    return _make_adapter(qwen2_base, tmp_path_factory.mktemp("qwen2-adapter") / "run")
+@pytest.fixture
+def qwen2_adapter(tmp_path, qwen2_base, make_adapter):
+    return make_adapter(qwen2_base, tmp_path / "run")
 
 
 def _logits_of_gguf(path):

@@ -25,7 +25,14 @@ from torch import nn
 
 # file type ids (llama.cpp's LLAMA_FTYPE) and the tensor type of 2-D weights for each dtype
 DTYPES = {"f32": (0, "F32"), "f16": (1, "F16"), "bf16": (32, "BF16"), "q8_0": (7, "Q8_0")}
-ARCHITECTURES = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "LLAMA",
+    "MistralForCausalLM": "LLAMA",
+    "Qwen2ForCausalLM": "QWEN2",
+}
+# llama.cpp's rotary for LLAMA is the interleaved one (q/k rows permuted, as its converter does);
+# QWEN2 runs NEOX-style rotate-half rotary, transformers' own layout (rows kept)
+PERMUTED_ROTARY = {"LLAMA"}
 # Keys not copied from the base GGUF: they describe the file (rewritten) or its old tensors.
 _FILE_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "general.alignment")
 
@@ -59,8 +66,11 @@ def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-def _rotary_heads(hf_name: str, config) -> int | None:
-    """The head count to permute `hf_name`'s rows by (q: attention heads, k: key/value heads)."""
+def _rotary_heads(hf_name: str, config, arch: str) -> int | None:
+    """The head count to permute `hf_name`'s rows by (q: attention heads, k: key/value heads);
+    None for other tensors and for architectures whose llama.cpp rotary is transformers' own."""
+    if arch not in PERMUTED_ROTARY:
+        return None
     if hf_name.endswith(("q_proj.weight", "q_proj.bias")):  # biases too, as llama.cpp's converter
         return config.num_attention_heads
     if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -159,7 +169,7 @@ def _as_numpy(t: torch.Tensor, qtype: str) -> tuple[np.ndarray, object]:
 def write_model(
     model: nn.Module, out: Path, dtype: str, source: Path, name: str | None = None
 ) -> dict:
-    """Write `model` (a merged, plain Llama-family causal LM) as one GGUF at `out`, with the
+    """Write `model` (a merged, plain Llama- or Qwen2-family causal LM) as one GGUF at `out`, with the
     metadata of the base GGUF `source`. Returns what was written."""
     import gguf
 
@@ -181,7 +191,7 @@ def write_model(
     for hf_name, tensor in state.items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the embedding as the output head when output.weight is absent
-        heads = _rotary_heads(hf_name, cfg)
+        heads = _rotary_heads(hf_name, cfg, arch)
         if heads is not None:
             tensor = permute_rotary(tensor, heads)
         data, kind = _as_numpy(tensor, qtype)
@@ -212,7 +222,7 @@ def write_lora(
     copy_metadata(writer, source, prefixes=names)
     writer.add_file_type(DTYPES["f32"][0])
     for hf_name, (A, B) in pairs.items():
-        heads = _rotary_heads(hf_name, config)
+        heads = _rotary_heads(hf_name, config, arch)
         if heads is not None:
             B = permute_rotary(B, heads)  # the output features move, the input ones do not
         base = gguf_name(hf_name, arch, config.num_hidden_layers)
