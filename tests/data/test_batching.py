@@ -386,3 +386,15 @@ def test_packed_rows_do_not_learn_across_documents():
         assert batch["labels"][0, :4].tolist() == [5, 6, -100, 8]
     flat = CausalLMCollator(pad_token_id=0, padding_free=True)(packs)
     assert flat["doc_lens"].tolist() == [2, 2]
+
+
+def test_padding_free_row_ends_in_a_loss_free_pad_document_up_to_the_multiple():
+    examples = [
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+        {"input_ids": [8, 9], "labels": [8, 9]},
+    ]
+    batch = CausalLMCollator(pad_token_id=0, pad_to_multiple_of=4, padding_free=True)(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7, -100, 9, -100, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch["doc_lens"].tolist() == [3, 2, 3]
