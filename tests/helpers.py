@@ -273,3 +273,33 @@ def word_llama():
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+# --- a real HTTP server on loopback, for the serving tests ---------------------------------------
+class ServerThread:
+    """`app` (ASGI) served by uvicorn on a free 127.0.0.1 port in a daemon thread; `.url`, `.stop()`."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)

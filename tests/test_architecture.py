@@ -24,6 +24,7 @@ LAYERS = [
     "train",
     "infer",
     "export",
+    "serve",
     "cli",
 ]
 TOP = {

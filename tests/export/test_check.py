@@ -127,3 +127,25 @@ def test_bad_inputs_get_one_line_and_exit_2(adapter, tmp_path, capsys):
     empty.write_text("\n")
     assert main(["check", "--adapter", str(adapter), "--prompts", str(empty)]) == 2
     assert "has no prompts" in capsys.readouterr().err
+
+
+def test_check_passes_against_a_running_lorafit_serve(adapter):
+    """The endpoint row against a real OpenAI-compatible server: `lorafit serve` with the adapter."""
+    pytest.importorskip("uvicorn")
+    from helpers import ServerThread
+    from lorafit.serve import build
+    from lorafit.serve.app import create_app
+
+    registry = build(
+        None, {"ad": str(adapter)}, device="cpu", dtype="float32", slots=2, max_len=128
+    )
+    server = ServerThread(create_app(registry))
+    try:
+        result = check(str(adapter), url=server.url, served_model="ad", new_tokens=6)
+        base = check(str(adapter), url=server.url, new_tokens=6)  # its first model: the base
+    finally:
+        server.stop()
+        registry.engine.close(drain=False)
+    row = next(r for r in result["rows"] if r.name == "endpoint")
+    assert row.greedy_equal == row.prompts and result["ok"]
+    assert not base["ok"]  # the base model without the adapter answers otherwise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -228,4 +229,43 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  {train} --set " + " --set ".join(sets))
     if error is not None:
         raise error
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorafit.serve import build, check_binding, serve
+
+    adapters = {}
+    for item in args.adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapters takes NAME=DIR items, got {item!r}")
+        if name in adapters:
+            raise ValueError(f"--adapters names {name!r} twice")
+        adapters[name] = path
+    api_key = args.api_key or os.environ.get("LORAFIT_API_KEY") or None
+    check_binding(args.host, api_key)  # refuse before the model loads
+    for flag in ("slots", "max_len", "max_adapters", "max_rank", "max_tokens", "max_concurrent"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    registry = build(
+        args.model,
+        adapters,
+        args.adapter_dir,
+        args.device,
+        args.dtype,
+        args.slots,
+        args.max_len,
+        args.max_adapters,
+        args.max_rank,
+    )
+    serve(
+        registry,
+        args.host,
+        args.port,
+        api_key,
+        max_tokens=args.max_tokens,
+        max_prompt_tokens=max(1, args.max_len - 1),
+        max_concurrent=args.max_concurrent,
+    )
     return 0

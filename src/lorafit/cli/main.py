@@ -20,6 +20,7 @@ from lorafit.cli.commands import (
     cmd_merge,
     cmd_plan,
     cmd_quickstart,
+    cmd_serve,
     cmd_train,
 )
 from lorafit.train.config import RUN_LORA_DEFAULTS, SECTIONS, field_docs
@@ -199,6 +200,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
     c.add_argument("--json", action="store_true", help="print machine-readable JSON")
     c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server for a base model and many adapters on it",
+        description="Serve /v1/chat/completions, /v1/completions (streaming too), /v1/models and "
+        "hot adapter load / unload over HTTP. Requests for different adapters are batched into "
+        "one forward per decoding step; adapters stay unmerged on one shared base.",
+    )
+    s.add_argument("--model", help="base model (default: the first adapter's base)")
+    s.add_argument(
+        "--adapters",
+        nargs="*",
+        default=[],
+        metavar="NAME=DIR",
+        help="adapters to load at start, each served under its NAME",
+    )
+    s.add_argument(
+        "--adapter-dir", help="folder POST /v1/adapters may load from (nothing outside it)"
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address (not loopback: needs a key)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--api-key", help="required bearer key (default: env LORAFIT_API_KEY)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the best one)")
+    s.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: auto)")
+    s.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument(
+        "--max-len", type=int, default=1024, help="prompt + answer tokens per request (1024)"
+    )
+    s.add_argument("--max-adapters", type=int, default=8, help="loaded at once; LRU ones go")
+    s.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted")
+    s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens accepted")
+    s.add_argument("--max-concurrent", type=int, default=64, help="in flight before 429")
+    s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser(
         "inspect",

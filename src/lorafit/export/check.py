@@ -167,6 +167,17 @@ def gguf_metadata_notes(path: Path, tokenizer) -> list[str]:
     return notes
 
 
+def _server_text(tokenizer, ids: list[int]) -> str:
+    """The prompt text a server must be sent to run `ids`: without the leading BOS when the
+    tokenizer adds one itself (servers tokenize completion prompts with it, as vLLM does)."""
+    bos = tokenizer.bos_token_id
+    if ids[:1] == [bos]:
+        rest = tokenizer.decode(ids[1:])
+        if tokenizer(rest)["input_ids"][:1] == [bos]:
+            return rest
+    return tokenizer.decode(ids)
+
+
 def _endpoint(url: str, model: str | None, prompts_text: list[str], new_tokens: int) -> list[str]:
     base = url.rstrip("/")
     if not base.endswith("/v1"):
@@ -265,8 +276,7 @@ def check(
             runtime, got = "transformers (GGUF reader)", _torch_run(net, prompt_ids, new_tokens)
         rows.append(_compare(Row("gguf", runtime, dtype, notes=notes), ref, got, eos))
     if url is not None:
-        bos = tokenizer.bos_token_id  # servers add their own BOS
-        texts = [tokenizer.decode(ids[1:] if ids[:1] == [bos] else ids) for ids in prompt_ids]
+        texts = [_server_text(tokenizer, ids) for ids in prompt_ids]
         got_text = _endpoint(url, served_model, texts, new_tokens)
         want_text = [tokenizer.decode(o, skip_special_tokens=True) for o in ref[1]]
         row = Row("endpoint", url, "endpoint", prompts=len(texts))

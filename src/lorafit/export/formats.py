@@ -12,7 +12,13 @@ import torch
 from lorafit.atomic import write_file, write_text
 from lorafit.export.gguf_file import architecture, write_lora, write_model
 from lorafit.export.modelfile import gguf_chat_info, modelfile
-from lorafit.infer.loading import base_of, load_for_inference, read_base_identity
+from lorafit.infer.loading import (
+    base_of,
+    load_for_inference,
+    read_base_identity,
+    run_files,
+    trained_system_prompt,
+)
 from lorafit.infer.merging import merge_to_folder, merged_model
 from lorafit.models.gguf_cache import SOURCE_FILE, is_gguf
 from lorafit.models.sources import file_sha256, resolve_model_path
@@ -59,18 +65,12 @@ def base_gguf(adapter: Path, model: str | None) -> Path:
 
 def _write_modelfile(out: Path, source: Path, adapter: Path, lora: bool) -> dict[str, Any]:
     template, eos = gguf_chat_info(source)
-    system = _system_prompt(adapter)
+    system = trained_system_prompt(adapter)
     model_ref = str(source.resolve()) if lora else f"./{out.name}"
     text, templated = modelfile(model_ref, template, eos, f"./{out.name}" if lora else None, system)
     path = out.with_name("Modelfile")
     write_text(path, text)
     return {"modelfile": str(path), "ollama_template": templated}
-
-
-def _system_prompt(adapter: Path) -> str | None:
-    """The system prompt the adapter was trained with (data.system_prompt of its run), if any."""
-    data = _run_files(adapter)[0].get("data")
-    return data.get("system_prompt") if isinstance(data, dict) else None
 
 
 def export_gguf(adapter: str, out: Path, dtype: str, model=None, force=False, modelfile=True):
@@ -156,26 +156,11 @@ def export_gguf_lora(adapter: str, out: Path, dtype: str, model=None, force=Fals
     return report
 
 
-def _run_files(adapter: Path) -> tuple[dict, dict]:
-    """(the run config, the run summary) of the run that wrote `adapter`, {} where absent."""
-    found = []
-    for name in ("config.json", "summary.json"):
-        data: dict = {}
-        for folder in (adapter, adapter.parent):
-            try:
-                data = json.loads((folder / name).read_text())
-                break
-            except (OSError, json.JSONDecodeError):
-                continue
-        found.append(data if isinstance(data, dict) else {})
-    return found[0], found[1]
-
-
 def model_card(adapter: Path) -> str:
     """README.md for a merged folder: base, adapter, data, training settings, final metrics."""
     config, _ = read_adapter(adapter)
     identity = read_base_identity(adapter)
-    run, summary = _run_files(adapter)
+    run, summary = run_files(adapter)
     base = identity.get("alias") or identity.get("hub_id") or config.base_model_name_or_path
     lines = [
         f"# {adapter.resolve().name} (merged)",

@@ -30,6 +30,29 @@ def read_base_identity(adapter: Path) -> dict:
     return identity
 
 
+def run_files(adapter: Path) -> tuple[dict, dict]:
+    """(the run config, the run summary) of the run that wrote `adapter` (the adapter folder or
+    its run folder holds config.json / summary.json), {} where absent."""
+    found = []
+    for name in ("config.json", "summary.json"):
+        data: dict = {}
+        for folder in (adapter, adapter.parent):
+            try:
+                data = json.loads((folder / name).read_text())
+                break
+            except (OSError, json.JSONDecodeError):
+                continue
+        found.append(data if isinstance(data, dict) else {})
+    return found[0], found[1]
+
+
+def trained_system_prompt(adapter: Path) -> str | None:
+    """The system prompt the adapter was trained with (data.system_prompt of its run), if any."""
+    data = run_files(Path(adapter))[0].get("data")
+    prompt = data.get("system_prompt") if isinstance(data, dict) else None
+    return prompt if isinstance(prompt, str) and prompt else None
+
+
 def base_of(adapter: Path, recorded: str | None) -> str:
     """The base model to load for `adapter`: its recorded local folder when it exists here, else
     the packaged alias of the same source (the folder is a cache on another machine)."""
