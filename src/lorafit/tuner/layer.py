@@ -156,6 +156,11 @@ class LoraLayer(nn.Module):
             raise RuntimeError("per-row adapters need unmerged weights: call unmerge() first")
         if len(rows) != x.shape[0]:
             raise ValueError(f"got {len(rows)} adapter names for a batch of {x.shape[0]}")
+        if len(rows.groups) == 1:  # one adapter (or none) for the whole batch: no indexing
+            (name,) = rows.groups
+            if name not in self.adapters:
+                return result
+            return result + self.adapter_out(self.adapters[name], x, result)
         result = result.clone()
         for name, indices in rows.groups.items():
             if name not in self.adapters:
