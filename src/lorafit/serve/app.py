@@ -189,7 +189,7 @@ def create_app(
         p, c = len(req.prompt), len(req.generated)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def _respond(request, body, req, events, chat: bool):
+    async def _respond(body, req, events, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
         if not body.stream:
@@ -287,7 +287,7 @@ def create_app(
         messages = [m.model_dump() for m in body.messages]
         prompt = renderer(body.model, messages)
         req, events = _start(body, prompt)
-        return await _respond(request, body, req, events, chat=True)
+        return await _respond(body, req, events, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -296,7 +296,7 @@ def create_app(
         if not prompt:
             raise ApiError(400, "prompt is empty")
         req, events = _start(body, prompt)
-        return await _respond(request, body, req, events, chat=False)
+        return await _respond(body, req, events, chat=False)
 
     @app.get("/v1/models")
     async def models():

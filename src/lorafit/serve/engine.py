@@ -43,7 +43,6 @@ class Request:
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
-    submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         """Leave at the next step (the client went away)."""
@@ -73,7 +72,6 @@ class Engine:
         tokenizer,
         slots: int = 16,
         max_len: int = 2048,
-        attention_ready: Callable[[nn.Module], bool] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
