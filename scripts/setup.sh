@@ -16,3 +16,12 @@ fi
 if [ "${LORAFIT_LLAMA_CPP:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
   CMAKE_ARGS="-DGGML_NATIVE=OFF" $PIP llama-cpp-python==0.3.36  # NATIVE=OFF: no illegal q8_0 code
 fi
+# Opt-in (CI sets it): Debian's Chromium + chromedriver for the chat page's browser test
+# (tests/serve/test_chat_page.py).
+if [ "${LORAFIT_BROWSER:-0}" = 1 ] && ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  else
+    echo "note: LORAFIT_BROWSER=1 needs root and apt-get to install chromium + chromium-driver" >&2
+  fi
+fi

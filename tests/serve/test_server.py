@@ -6,10 +6,8 @@ import threading
 import time
 
 import pytest
-import torch
 
-from helpers import ServerThread, randomize_adapters, write_tiny_chat_model
-from lorafit import LoraConfig, inject, save_adapter
+from helpers import ServerThread
 from lorafit.models import load_model
 from lorafit.serve import build
 from lorafit.serve.app import create_app
@@ -20,30 +18,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-KEY = "test-key-123"
-SYSTEM = "Answer briefly."
-
-
-def _adapter(base, folder, seed, system=None):
-    model, _ = load_model(str(base), device="cpu")
-    torch.manual_seed(seed)
-    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    randomize_adapters(model, seed=seed, scale=0.8)
-    save_adapter(model, folder)
-    if system:
-        (folder / "config.json").write_text(json.dumps({"data": {"system_prompt": system}}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    base = write_tiny_chat_model(root / "base")
-    (root / "adapters").mkdir()
-    a = _adapter(base, root / "adapters" / "alpha", 1, SYSTEM)
-    b = _adapter(base, root / "adapters" / "beta", 2)
-    _adapter(base, root / "outside", 3)
-    return {"root": root, "base": base, "alpha": a, "beta": b}
+KEY, SYSTEM = "test-key-123", "Answer briefly."  # as in conftest.py
 
 
 class _Server(ServerThread):
@@ -56,17 +31,8 @@ class _Server(ServerThread):
 
 
 @pytest.fixture(scope="module")
-def server(files):
-    registry = build(
-        str(files["base"]),
-        {"alpha": str(files["alpha"]), "beta": str(files["beta"])},
-        adapter_dir=str(files["root"] / "adapters"),
-        dtype="float32",
-        device="cpu",
-        slots=4,
-        max_len=256,
-        max_adapters=3,
-    )
+def server(serve_registry):
+    registry = serve_registry(max_adapters=3)
     srv = _Server(
         registry, api_key=KEY, max_tokens=64, max_prompt_tokens=200, max_body=4096, max_concurrent=8
     )
@@ -199,11 +165,31 @@ def _http(server, method, path, key=KEY, **kw):
     ],
 )
 @pytest.mark.parametrize("key", [None, "wrong-key"])
-def test_every_route_but_health_needs_the_key(server, method, path, key):
+def test_every_route_but_health_and_the_page_needs_the_key(server, method, path, key):
     r = _http(server, method, path, key=key, json={})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert _http(server, "GET", "/health", key=None).status_code == 200
     assert "alpha" in [m["id"] for m in _http(server, "GET", "/v1/models").json()["data"]]
+
+
+def test_an_unknown_path_needs_the_key_too(server):
+    assert _http(server, "GET", "/v1/secret", key=None).status_code == 401
+    assert _http(server, "GET", "/v1/secret").status_code == 404
+
+
+def test_the_chat_page_is_static_and_runs_only_its_own_script(server, files):
+    import base64
+    import hashlib
+
+    r = _http(server, "GET", "/", key=None)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "alpha" not in page and str(files["base"]) not in page  # no data without the key
+    policy = r.headers["content-security-policy"]
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in policy and "connect-src 'self'" in policy
+    assert "unsafe-inline" not in policy.split("script-src", 1)[1].split(";", 1)[0]
 
 
 @pytest.mark.parametrize(

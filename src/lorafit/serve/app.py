@@ -2,23 +2,28 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream: true` as server-sent
 events in OpenAI's chunk format, ending with `data: [DONE]`), GET /v1/models, GET /health,
-POST /v1/adapters and DELETE /v1/adapters/{name} (hot load / unload). With an API key, every route
-but /health wants `Authorization: Bearer KEY` (compared in constant time). Every error is OpenAI's
-error object with a 4xx/5xx status; no traceback reaches a client.
+POST /v1/adapters and DELETE /v1/adapters/{name} (hot load / unload), and GET / : a chat page
+(page.html, no build step) that streams two models' answers side by side. With an API key, every
+route but /health and the page wants `Authorization: Bearer KEY` (compared in constant time); the
+page is a static file that holds no data, and its calls carry the key its user types in. Every
+error is OpenAI's error object with a 4xx/5xx status; no traceback reaches a client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import hmac
 import json
 import time
 import uuid
+from importlib import resources
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafit.serve.engine import Request
@@ -79,6 +84,23 @@ class AdapterRequest(BaseModel):
     path: str = Field(min_length=1)
 
 
+OPEN_PATHS = frozenset({"/", "/health"})  # no key needed: the liveness probe and the static page
+
+
+def _page() -> tuple[str, str]:
+    """The chat page and its Content-Security-Policy: only its own inline script (by hash) runs,
+    and it talks to this server only."""
+    html = resources.files("lorafit.serve").joinpath("page.html").read_text(encoding="utf-8")
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return html, policy
+
+
 def create_app(
     registry: Registry,
     api_key: str | None = None,
@@ -114,7 +136,7 @@ def create_app(
 
     @app.middleware("http")
     async def _auth(request: HTTPRequest, call_next):
-        if api_key is not None and request.url.path != "/health":
+        if api_key is not None and request.url.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             want = f"Bearer {api_key}"
             if not hmac.compare_digest(given.encode(), want.encode()):
@@ -301,6 +323,19 @@ def create_app(
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": registry.models()}
+
+    page, policy = _page()
+
+    @app.get("/")
+    async def chat_page():
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": policy,
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
 
     @app.get("/health")
     async def health():
