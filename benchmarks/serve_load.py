@@ -12,6 +12,11 @@ does the same work). Rows:
   (b) lorafit serve, the same requests one at a time
   (c) transformers + PEFT, one request at a time, `set_adapter` per request (what a user of PEFT
       without a server framework does)
+  (d) llama.cpp's llama-server, all clients at once: SmolLM2's own Q4_1 GGUF with the adapters as
+      LoRA GGUFs (`lorafit export --format gguf-lora`), each request naming its adapter in
+      `"lora": [{"id", "scale"}]`; 2 threads, one slot per client
+  (e) the same llama-server, one request at a time (its single-stream speed)
+(d) and (e) run when a llama-server binary is found: --llama-server PATH, $LLAMA_SERVER or PATH.
 Generated tokens/s over the wall time of the whole row, and per-request latency p50 / p95.
 Single-stream decoding: (b)'s tokens/s for one request.
 """
@@ -95,58 +100,110 @@ def start_server(adapters: dict[str, Path], slots: int) -> tuple[subprocess.Pope
         *[f"{k}={v}" for k, v in adapters.items()],
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    import httpx
-
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start in 300 s")
+    wait_healthy(proc, url, "lorafit serve")
+    return proc, url
 
 
-def one_request(client, model: str, text: str, tokens: int) -> tuple[float, int]:
+def one_request(client, model: str, text: str, tokens: int, lora=None) -> tuple[float, int]:
     started = time.perf_counter()
+    extra = {"ignore_eos": True}
+    if lora is not None:  # llama-server: the request's adapter by id (the others get scale 0)
+        extra["lora"] = [{"id": lora, "scale": 1.0}]
     r = client.chat.completions.create(
         model=model,
         messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
         max_tokens=tokens,
         temperature=0,
-        extra_body={"ignore_eos": True},
+        extra_body=extra,
     )
     return time.perf_counter() - started, r.usage.completion_tokens
 
 
-def run_clients(url: str, jobs, concurrent: bool):
+def run_clients(url: str, jobs, concurrent: bool, lora_ids=None):
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
     results = [None] * len(jobs)
+
+    def call(i, name, text, tokens):
+        lora = None if lora_ids is None else lora_ids[name]
+        results[i] = one_request(client, name, text, tokens, lora)
+
     started = time.perf_counter()
     if concurrent:
-        threads = [
-            threading.Thread(
-                target=lambda i=i, j=j: results.__setitem__(i, one_request(client, *j))
-            )
-            for i, j in enumerate(jobs)
-        ]
+        threads = [threading.Thread(target=call, args=(i, *j)) for i, j in enumerate(jobs)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(900)
     else:
         for i, j in enumerate(jobs):
-            results[i] = one_request(client, *j)
+            call(i, *j)
     wall = time.perf_counter() - started
     failed = sum(r is None for r in results)
     ok = [r for r in results if r is not None]
     return wall, ok, failed
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, what: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start in 300 s")
+
+
+def llama_server_rows(binary: str, adapters: dict[str, Path], jobs, scratch: Path, ctx: int):
+    """Rows (d) and (e): llama-server on the base's own GGUF with the adapters as LoRA GGUFs."""
+    from lorafit.models.sources import resolve_model_path
+
+    files = []
+    for name, folder in adapters.items():
+        out = scratch / f"{name}.lora.gguf"
+        subprocess.run(
+            [sys.executable, "-m", "lorafit", "export", "--adapter", str(folder)]
+            + ["--format", "gguf-lora", "--out", str(out), "--no-modelfile"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        files.append(out)
+    port = free_port()
+    slots = len(jobs)
+    cmd = [binary, "-m", str(resolve_model_path("smollm2")), "--lora-init-without-apply"]
+    cmd += ["--lora", ",".join(str(f) for f in files)]
+    cmd += ["-np", str(slots), "-c", str(slots * ctx), "-t", "2", "-tb", "2"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    ids = {name: i for i, name in enumerate(adapters)}
+    try:
+        wait_healthy(proc, url, "llama-server")
+        run_clients(url, jobs[:2], concurrent=False, lora_ids=ids)  # warm-up
+        d = run_clients(url, jobs, True, lora_ids=ids)
+        e = run_clients(url, jobs, False, lora_ids=ids)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return d, e
+
+
+def find_llama_server(given: str | None) -> str | None:
+    import shutil
+
+    for candidate in (given, os.environ.get("LLAMA_SERVER"), shutil.which("llama-server")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
 
 
 def peft_rows(adapters: dict[str, Path], jobs) -> tuple[float, list, int]:
@@ -204,6 +261,7 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--llama-server", help="llama.cpp's llama-server binary (rows d, e)")
     args = p.parse_args()
     if args.smoke:
         args.clients, args.tokens = 4, 8
@@ -226,6 +284,13 @@ def main() -> None:
         rows.append(
             row("(c) transformers + PEFT, set_adapter per request", *peft_rows(adapters, jobs))
         )
+    binary = find_llama_server(args.llama_server)
+    if binary:
+        d, e = llama_server_rows(binary, adapters, jobs, scratch, ctx=256 + args.tokens)
+        rows.append(row("(d) llama-server + LoRA GGUFs, all clients at once", *d))
+        rows.append(row("(e) llama-server + LoRA GGUFs, one request at a time", *e))
+    else:
+        print("no llama-server binary: rows (d) and (e) skipped", file=sys.stderr)
     base = rows[1]["tokens_per_s"]
     print(
         f"\nSmolLM2-135M-Instruct + {args.adapters} adapters, {args.clients} clients x {args.tokens} tokens, greedy, 2 CPUs\n"

@@ -34,16 +34,18 @@ def build(
     max_rank: int = 64,
 ) -> Registry:
     """Load the base (default: the first adapter's base), start the engine, load `adapters`."""
-    from lorafit.infer.loading import base_of, load_for_inference
+    from lorafit.infer.loading import base_of, load_for_inference, read_base_identity
     from lorafit.ops.attention import enable_lorafit_attention
     from lorafit.tuner import read_adapter
 
     adapters = dict(adapters or {})
     if len(adapters) > max_adapters:
         raise ValueError(f"{len(adapters)} adapters given; --max-adapters is {max_adapters}")
+    name = model
     if model is None and adapters:
         first = Path(next(iter(adapters.values())))
         model = base_of(first, read_adapter(first)[0].base_model_name_or_path)
+        name = read_base_identity(first).get("alias") or model  # "smollm2", not a cache path
     net, tokenizer = load_for_inference(model, None, device, dtype, merged=False)
     if getattr(net, "lorafit_task", "causal-lm") != "causal-lm":
         raise ValueError("lorafit serve serves causal language models (chat / completions)")
@@ -55,7 +57,7 @@ def build(
     if tokenizer is None:
         raise ValueError(f"{model}: no tokenizer found; serving needs one")
     engine = Engine(net, tokenizer, slots=slots, max_len=max_len)
-    registry = Registry(engine, model or "default", adapter_dir, max_adapters, max_rank)
+    registry = Registry(engine, name or "default", adapter_dir, max_adapters, max_rank)
     try:
         for name, path in adapters.items():
             if not Path(path).is_dir():
