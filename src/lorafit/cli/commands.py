@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,9 +13,17 @@ from lorafit.train.config import load_run_config
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.train import train
+    from lorafit.train.distributed import launch, launched
 
-    cfg = load_run_config(args.config, args.set or [])
+    cfg = load_run_config(args.config, args.set or [])  # a bad config fails before any launch
+    if args.nproc is not None and not launched():
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            return launch(args.nproc, _train_argv(args))
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if launched() and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the job
     share = 100 * result.trainable_params / max(result.total_params, 1)
     print(
         f"\ndone: {result.steps} steps ({result.stopped}) in {result.wall_time_s:.1f}s, "
@@ -32,6 +40,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = result.output_dir
     print(f"metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}")
     return 0
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """`lorafit train` arguments for each process of a --nproc launch (without --nproc)."""
+    argv = ["train"] + ([args.config] if args.config else [])
+    for item in args.set or []:
+        argv += ["--set", item]
+    if args.resume is True:
+        argv.append("--resume")
+    elif args.resume:
+        argv += ["--resume", str(args.resume)]
+    return argv + (["--no-progress"] if args.no_progress else [])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bar (metrics still go to metrics.jsonl)",
     )
+    t.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel on N local processes (torchrun --standalone --nproc-per-node N "
+        "-m lorafit train ...; gloo on CPU, nccl on CUDA); train.batch_size is the global batch",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(

@@ -17,6 +17,7 @@ from lorafit.ops.lean_blocks import patch_model
 from lorafit.ops.precision import autocast_context
 from lorafit.quant import quantized_modules
 from lorafit.tasks import Task, get_task
+from lorafit.train.distributed import Dist
 
 
 def prepare_for_training(
@@ -61,13 +62,21 @@ def forward_backward(
     precision: str,
     chunk: int = 2048,
     max_grad_norm: float | None = None,
+    dist: Dist | None = None,
 ) -> tuple[float, torch.Tensor]:
     """One optimizer step's gradients over micro-batches (weighted by their loss targets, so
     accumulation equals one big batch); returns (loss, gradient norm before clipping; the
-    gradients are clipped to max_grad_norm in place). `task` is a Task or its name."""
+    gradients are clipped to max_grad_norm in place). `task` is a Task or its name.
+
+    With `dist` (several processes, each with its shard of the step's batches) the weights are
+    over the targets of all ranks and the gradients and loss are summed over ranks once, after
+    the last micro-batch: every rank ends with the gradient of the whole global batch."""
     task = get_task(task) if isinstance(task, str) else task
     device = next(model.parameters()).device
-    n_total = sum(task.target_count(b) for b in group) or 1
+    n_total = sum(task.target_count(b) for b in group)
+    if dist is not None and dist.enabled:
+        n_total = int(dist.sum([float(n_total)])[0])
+    n_total = n_total or 1
     step_loss = 0.0
     for batch in group:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -80,6 +89,9 @@ def forward_backward(
             (loss * weight).backward()
         step_loss += loss.item() * weight
     grads = [p for p in model.parameters() if p.requires_grad]
+    if dist is not None and dist.enabled:
+        dist.reduce_gradients(grads)
+        step_loss = dist.sum([step_loss])[0]
     gnorm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))
     return step_loss, gnorm
 
@@ -91,13 +103,25 @@ def micro_batches(
     seed: int,
     epoch: int = 0,
     index: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """Endless stream of (epoch, index in epoch, batch), starting at a saved position. The order is
-    a pure function of (seed, epoch), so a resumed run reads what the uninterrupted one would."""
-    if num_batches(len(examples), batch_size) == 0:
+    a pure function of (seed, epoch), so a resumed run reads what the uninterrupted one would.
+    With world_size > 1, `batch_size` is per rank: rank r's share of each global batch."""
+    if num_batches(len(examples), batch_size, world_size=world_size) == 0:
         raise ValueError("the training set is empty")
     while True:
-        stream = batches(examples, batch_size, collator, seed, epoch, start=index)
+        stream = batches(
+            examples,
+            batch_size,
+            collator,
+            seed,
+            epoch,
+            start=index,
+            rank=rank,
+            world_size=world_size,
+        )
         for k, batch in enumerate(stream, start=index):
             yield epoch, k, batch
         epoch, index = epoch + 1, 0

@@ -6,6 +6,10 @@ callbacks), `save` (final evaluation, adapter, plot, summary), the same on CPU a
 Resuming replays the exact run: the adapter, optimizer, scheduler and RNG states are restored and
 the data order is a pure function of (seed, epoch), so the batch after a resume is the one the
 uninterrupted run would have seen. `train(cfg)` is the whole recipe in one call.
+
+Started by torchrun as one of N processes, the same trainer trains data-parallel (distributed.py):
+each rank takes its share of every global batch, gradients are summed over ranks once per step,
+and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lorafit.data.batching import num_batches
 from lorafit.ops.precision import autocast_context
 from lorafit.tasks import get_task
 import lorafit.train.checkpoints as ckpt
+import lorafit.train.distributed as distributed
 import lorafit.train.resume as resuming
 from lorafit.train.callbacks import Callback, TrainingStopped, default_callbacks
 from lorafit.train.config import RunConfig
@@ -72,10 +77,12 @@ class Trainer:
         log: Callable[[str], None] = print,
         callbacks: list[Callback] | None = None,
     ):
-        self.cfg, self.resume, self.log = cfg, resume, log
+        self.cfg, self.resume = cfg, resume
         self.task = get_task(cfg.model.task)
         self.out = Path(cfg.train.output_dir)
-        self.is_main = True  # whether this process writes files (rank 0 under torch.distributed)
+        self.dist = distributed.from_env()  # world_size 1 unless started by torchrun
+        self.is_main = self.dist.is_main  # whether this process writes files (rank 0)
+        self.log = log if self.is_main else (lambda *_: None)
         self.state = TrainState()
         self.losses: list[float] = []
         self.last_eval: dict[str, float] = {}
@@ -88,8 +95,15 @@ class Trainer:
     def setup(self) -> None:
         """Everything before the first step. The cheap checks (a previous run in the way, the
         checkpoint to resume from, a writable output_dir) come before the model loads."""
-        t = self.cfg.train
+        t, world = self.cfg.train, self.dist.world_size
         self._started = time.perf_counter()
+        self.dist.check_same_config(self.cfg.to_dict())
+        if t.batch_size % world:
+            raise ValueError(
+                f"train.batch_size {t.batch_size} is the global batch and must divide evenly "
+                f"between the {world} processes; make it a multiple of {world}"
+            )
+        self.rank_batch = t.batch_size // world
         if t.threads:
             torch.set_num_threads(t.threads)
         random.seed(t.seed)
@@ -100,12 +114,14 @@ class Trainer:
             resuming.check_same_run(payload["config"], self.cfg, self.resumed_from)
         else:
             resuming.check_fresh_start(self.out)
+        self.dist.barrier()  # every rank has looked at output_dir before rank 0 writes in it
         if self.is_main:  # an unwritable output_dir fails here (WriteError), not after the load
             atomic.write_json(self.out / "config.json", self.cfg.to_dict())
             ckpt.clean_partial(self.out)
         self.data: Prepared = prepare(self.cfg, self.task, self.resumed_from)
         self.model = self.data.model
-        self.per_epoch = num_batches(len(self.data.train), t.batch_size)
+        self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
+        self.per_epoch = num_batches(len(self.data.train), self.rank_batch, world_size=world)
         self.total_steps = t.max_steps or max(
             1, math.ceil(t.epochs * self.per_epoch / t.grad_accum)
         )
@@ -138,7 +154,14 @@ class Trainer:
     def fit(self) -> None:
         t, state = self.cfg.train, self.state
         stream = micro_batches(
-            self.data.train, t.batch_size, self.data.collator, t.seed, state.epoch, state.index
+            self.data.train,
+            self.rank_batch,
+            self.data.collator,
+            t.seed,
+            state.epoch,
+            state.index,
+            self.dist.rank,
+            self.dist.world_size,
         )
         self.dispatch("on_fit_start")
         self.model.train()
@@ -158,9 +181,18 @@ class Trainer:
         epoch, index, _ = group[-1]
         micro = [batch for _, _, batch in group]
         loss, grad_norm = forward_backward(
-            self.model, micro, self.task, self.data.precision, t.loss_chunk, t.max_grad_norm
+            self.model,
+            micro,
+            self.task,
+            self.data.precision,
+            t.loss_chunk,
+            t.max_grad_norm,
+            self.dist,
         )
-        out = StepOutput(loss, grad_norm, sum(int(b["input_ids"].numel()) for b in micro))
+        tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        if self.dist.enabled:  # the progress bar and metrics show the whole job's tokens
+            tokens = int(self.dist.sum([float(tokens)])[0])
+        out = StepOutput(loss, grad_norm, tokens)
         self.dispatch("after_backward", out)
         self.optimizer.step()
         self.scheduler.step()
@@ -181,12 +213,16 @@ class Trainer:
             getattr(callback, hook)(self, *args)
 
     def evaluate(self) -> dict[str, float]:
-        """The task's validation metrics for the current weights ({} without validation data)."""
+        """The task's validation metrics for the current weights ({} without validation data).
+        Under torch.distributed rank 0 computes them and every rank gets its numbers."""
         t, d = self.cfg.train, self.data
-        with autocast_context(d.precision, d.device):
-            metrics = self.task.evaluate(
-                self.model, d.val, d.collator, t.batch_size, t.loss_chunk, t.eval_batches
-            )
+        metrics = None
+        if self.is_main:
+            with autocast_context(d.precision, d.device):
+                metrics = self.task.evaluate(
+                    self.model, d.val, d.collator, t.batch_size, t.loss_chunk, t.eval_batches
+                )
+        metrics = self.dist.broadcast_object(metrics)
         self.last_eval, self._evaluated_at = metrics, self.state.step
         return metrics
 
@@ -267,6 +303,11 @@ def train(
     """Fine-tune per `cfg`; `resume=True` continues from the newest checkpoint in output_dir,
     `resume="<checkpoint folder>"` from that one."""
     trainer = Trainer(cfg, resume=resume, progress=progress, log=log)
-    trainer.setup()
-    trainer.fit()
-    return trainer.save()
+    try:
+        trainer.setup()
+        trainer.fit()
+        result = trainer.save()
+        trainer.dist.barrier()  # the other ranks wait for rank 0's files
+    finally:
+        distributed.shutdown()
+    return result

@@ -1,0 +1,217 @@
+"""Data-parallel training on several CPU processes (torchrun, gloo), as users launch it: whole
+`lorafit train` runs on a tiny Llama, fp32. N processes with their shares of a global batch train
+like one process with the whole batch; checkpoints resume on another number of processes; a
+killed rank ends the job quickly and leaves a resumable run; only rank 0 writes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lorafit.train import checkpoints as ckpt
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _write_config(tmp_path: Path, chat_setup, name: str, **train) -> Path:
+    model, data = chat_setup
+    cfg = {
+        "model": {"name": str(model)},
+        "data": {"train": str(data)},
+        "lora": {"r": 4, "lora_dropout": 0.0},
+        "train": {
+            "output_dir": str(tmp_path / name),
+            "batch_size": 8,
+            "lr": 1e-2,
+            "max_steps": 10,
+            "save_every": 5,
+            "eval_every": 5,
+            "tensorboard": False,
+            "precision": "fp32",
+            "threads": 1,
+            **train,
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train(config: Path, *extra: str, nproc: int = 1, timeout: int = 300) -> str:
+    cmd = [sys.executable, "-m", "lorafit", "train", str(config), "--no-progress", *extra]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in _rows(run) if key in r}
+
+
+def _assert_close_runs(a: Path, b: Path, steps=None, rel=1e-5):
+    la, lb = _losses(a), _losses(b)
+    steps = steps or sorted(la)
+    assert steps and all(s in lb for s in steps), (sorted(la), sorted(lb))
+    for s in steps:
+        assert lb[s] == pytest.approx(la[s], rel=rel), (s, la[s], lb[s])
+    va, vb = _losses(a, "val_loss"), _losses(b, "val_loss")
+    assert va and all(vb[s] == pytest.approx(v, rel=rel) for s, v in va.items())
+    ta = load_file(a / "adapter" / "adapter_model.safetensors")
+    tb = load_file(b / "adapter" / "adapter_model.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        scale = float(ta[k].abs().max()) or 1.0
+        assert float((ta[k] - tb[k]).abs().max()) <= rel * scale, k
+
+
+def _files(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(chat_setup, tmp_path_factory):
+    """One process x batch 8 and two processes x 4, 10 steps each, with and without accumulation."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    out = {}
+    for accum in (1, 2):
+        for nproc in (1, 2):
+            name = f"p{nproc}_a{accum}"
+            _train(_write_config(tmp, chat_setup, name, grad_accum=accum), nproc=nproc)
+            out[name] = tmp / name
+    return out
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_processes_train_exactly_like_one_with_the_global_batch(runs, accum):
+    one, two = runs[f"p1_a{accum}"], runs[f"p2_a{accum}"]
+    _assert_close_runs(one, two)
+    assert _rows(one)[0]["loss"] != _rows(one)[-2]["loss"]  # the runs did learn something
+    # the progress shows the job's tokens: both runs saw the same examples per step (padding
+    # differs with how the rows were packed, so not exactly the same token count)
+    t1, t2 = _losses(one, "tokens_per_s"), _losses(two, "tokens_per_s")
+    assert t1 and t2
+
+
+def test_only_rank_0_writes_and_the_run_looks_like_a_single_process_one(runs):
+    assert _files(runs["p1_a1"]) == _files(runs["p2_a1"])  # no rank-1 files, no second copy
+    summary = json.loads((runs["p2_a1"] / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["stopped"] == "completed"
+
+
+@pytest.mark.parametrize("start, then", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(
+    runs, chat_setup, tmp_path, start, then
+):
+    import shutil
+
+    straight = runs["p1_a1"]
+    moved = tmp_path / "moved"
+    shutil.copytree(runs[f"p{start}_a1"], moved)
+    config = _write_config(tmp_path, chat_setup, "moved")
+    for product in ("adapter", "best_adapter", "summary.json"):
+        path = moved / product
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    output = _train(config, "--resume", str(moved / "checkpoints" / "step-000005"), nproc=then)
+    assert "resumed from" in output
+    _assert_close_runs(straight, moved, steps=list(range(6, 11)))
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+def test_a_killed_rank_ends_the_job_quickly_and_the_run_resumes_bit_exactly(chat_setup, tmp_path):
+    steps = dict(max_steps=60, save_every=10, eval_every=20)
+    straight = _write_config(tmp_path, chat_setup, "straight", **steps)
+    _train(straight, nproc=2)
+    config = _write_config(tmp_path, chat_setup, "killed", **steps)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "lorafit", "train", str(config), "--no-progress"]
+    job = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and not (tmp_path / "killed/checkpoints/step-000010").exists():
+        time.sleep(0.005)
+    ranks = {_rank_of(p): p for p in _children(job.pid)}
+    assert job.poll() is None and 1 in ranks, "the job ended before a rank could be killed"
+    os.kill(ranks[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode != 0
+    assert time.monotonic() - killed_at < 60
+    assert "rank" in output and "1" in output and "SIGKILL" in output, output[-2000:]
+    run = tmp_path / "killed"
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert ckpt.list_checkpoints(run) and not leftovers  # whole checkpoints only
+    assert not (run / "adapter").exists()
+
+    _train(config, "--resume", nproc=2)
+    assert _losses(run) == _losses(tmp_path / "straight")  # bit for bit
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "rank1_extra, words",
+    [
+        (["--set", "train.lr=0.5"], "train.lr: rank 0 0.01, rank 1 0.5"),
+        ([], "multiple of 2"),
+    ],
+)
+def test_ranks_started_with_different_configs_or_an_uneven_batch_are_refused(
+    chat_setup, tmp_path, rank1_extra, words
+):
+    batch = 8 if rank1_extra else 5
+    config = _write_config(tmp_path, chat_setup, "bad", batch_size=batch)
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LORAFIT_DIST_TIMEOUT="60")
+        extra = rank1_extra if rank == 1 else []
+        cmd = [sys.executable, "-m", "lorafit", "train", str(config), "--no-progress", *extra]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    assert all(words in out for out in outputs), outputs
+    assert all("Traceback" not in out for out in outputs)
+    assert not (tmp_path / "bad").exists()  # nothing written
