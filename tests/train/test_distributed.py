@@ -89,16 +89,18 @@ def runs(chat_setup, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     out = {}
     for accum in (1, 2):
-        for nproc in (1, 2):
-            name = f"p{nproc}_a{accum}"
-            _train(_write_config(tmp, chat_setup, name, grad_accum=accum), nproc=nproc)
+        for nproc, mode in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+            name = f"{mode}{nproc}_a{accum}"
+            config = _write_config(tmp, chat_setup, name, grad_accum=accum, distributed=mode)
             out[name] = tmp / name
+            out[name + "_log"] = _train(config, nproc=nproc)
     return out
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_two_processes_train_exactly_like_one_with_the_global_batch(runs, accum):
-    one, two = runs[f"p1_a{accum}"], runs[f"p2_a{accum}"]
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_exactly_like_one_with_the_global_batch(runs, accum, mode):
+    one, two = runs[f"ddp1_a{accum}"], runs[f"{mode}2_a{accum}"]
     _assert_close_runs(one, two)
     assert _rows(one)[0]["loss"] != _rows(one)[-2]["loss"]  # the runs did learn something
     # the progress shows the job's tokens: both runs saw the same examples per step (padding
@@ -107,22 +109,36 @@ def test_two_processes_train_exactly_like_one_with_the_global_batch(runs, accum)
     assert t1 and t2
 
 
-def test_only_rank_0_writes_and_the_run_looks_like_a_single_process_one(runs):
-    assert _files(runs["p1_a1"]) == _files(runs["p2_a1"])  # no rank-1 files, no second copy
-    summary = json.loads((runs["p2_a1"] / "summary.json").read_text())
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_only_rank_0_writes_and_the_run_looks_like_a_single_process_one(runs, mode):
+    assert _files(runs["ddp1_a1"]) == _files(runs[f"{mode}2_a1"])  # no rank-1 files, no copies
+    summary = json.loads((runs[f"{mode}2_a1"] / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["stopped"] == "completed"
 
 
-@pytest.mark.parametrize("start, then", [(2, 1), (1, 2)])
+def test_fsdp_holds_about_half_of_the_weights_on_each_of_two_ranks(runs):
+    import re
+
+    found = re.search(r"this rank holds (\d+)% of the weights", runs["fsdp2_a1_log"])
+    assert found, runs["fsdp2_a1_log"][-2000:]
+    # the decoder layers (66% of this tiny model) are split in two; the (tied) embedding and
+    # head (34%) and the final norm stay whole: 34 + 66 / 2 = 67%
+    assert 60 <= int(found.group(1)) <= 72
+    assert "this rank holds" not in runs["ddp2_a1_log"]
+
+
+@pytest.mark.parametrize(
+    "start, then, mode", [("ddp2", 1, "ddp"), ("ddp1", 2, "fsdp"), ("fsdp2", 1, "ddp")]
+)
 def test_a_checkpoint_resumes_on_another_number_of_processes(
-    runs, chat_setup, tmp_path, start, then
+    runs, chat_setup, tmp_path, start, then, mode
 ):
     import shutil
 
-    straight = runs["p1_a1"]
+    straight = runs["ddp1_a1"]
     moved = tmp_path / "moved"
-    shutil.copytree(runs[f"p{start}_a1"], moved)
-    config = _write_config(tmp_path, chat_setup, "moved")
+    shutil.copytree(runs[f"{start}_a1"], moved)
+    config = _write_config(tmp_path, chat_setup, "moved", distributed=mode)
     for product in ("adapter", "best_adapter", "summary.json"):
         path = moved / product
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -187,17 +203,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    "rank1_extra, words",
+    "rank1_extra, train, words",
     [
-        (["--set", "train.lr=0.5"], "train.lr: rank 0 0.01, rank 1 0.5"),
-        ([], "multiple of 2"),
+        (["--set", "train.lr=0.5"], {}, "train.lr: rank 0 0.01, rank 1 0.5"),
+        ([], {"batch_size": 5}, "multiple of 2"),
+        ([], {"distributed": "fsdp"}, "quantized base"),
     ],
 )
-def test_ranks_started_with_different_configs_or_an_uneven_batch_are_refused(
-    chat_setup, tmp_path, rank1_extra, words
+def test_ranks_started_with_different_configs_an_uneven_batch_or_fsdp_on_int8_are_refused(
+    chat_setup, tmp_path, rank1_extra, train, words
 ):
-    batch = 8 if rank1_extra else 5
-    config = _write_config(tmp_path, chat_setup, "bad", batch_size=batch)
+    config = _write_config(tmp_path, chat_setup, "bad", **train)
+    if train.get("distributed") == "fsdp":
+        cfg = yaml.safe_load(config.read_text())
+        cfg["model"]["quantize"] = "int8"
+        config.write_text(yaml.safe_dump(cfg))
     port = _free_port()
     procs = []
     for rank in (0, 1):

@@ -149,9 +149,8 @@ class Evaluation(Callback):
 
 
 class BestAdapter(Callback):
-    """Save the adapter (or model) of the lowest validation loss as best_adapter/ (best_model/)."""
-
-    main_process_only = True
+    """Save the adapter (or model) of the lowest validation loss as best_adapter/ (best_model/).
+    Runs on every rank: rank 0 writes, the others help gather FSDP-sharded weights."""
 
     def on_evaluate(self, trainer, metrics, improved):
         if improved:
@@ -171,9 +170,8 @@ class EarlyStopping(Callback):
 
 
 class Checkpoints(Callback):
-    """A checkpoint every train.save_every steps, at the last step and when training stops early."""
-
-    main_process_only = True
+    """A checkpoint every train.save_every steps, at the last step and when training stops early.
+    Runs on every rank: rank 0 writes, the others help gather FSDP-sharded state."""
 
     def on_step_end(self, trainer, out):
         step, every = trainer.state.step, trainer.cfg.train.save_every

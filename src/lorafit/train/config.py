@@ -130,6 +130,8 @@ class TrainOptions:
     """Write metrics every N steps."""
     threads: int | None = None
     """CPU threads for torch (null: torch's default)."""
+    distributed: str = "ddp"
+    """Under torchrun (or --nproc): ddp (every rank holds the whole model; gradients all-reduced) or fsdp (FSDP2: each decoder layer's weights sharded over the ranks, for bases that do not fit one device; not with a quantized base)."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
 
@@ -272,6 +274,10 @@ def _validate_run(cfg: RunConfig, source: str) -> None:
         (
             t.batch_size >= 1 and t.grad_accum >= 1,
             "train.batch_size and train.grad_accum must be >= 1",
+        ),
+        (
+            t.distributed in ("ddp", "fsdp"),
+            f"train.distributed must be 'ddp' or 'fsdp', got {t.distributed!r}",
         ),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),

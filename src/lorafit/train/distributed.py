@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ TIMEOUT_ENV = "LORAFIT_DIST_TIMEOUT"
 _joined = False  # whether from_env created the process group (shutdown leaves others' alone)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Dist:
     """This process's place in the job (world_size 1: a plain single-process run)."""
 
@@ -48,6 +48,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    layers: list = field(default_factory=list)
+    """The FSDP2-sharded decoder layers (train.distributed: fsdp); empty under DDP."""
 
     @property
     def enabled(self) -> bool:
@@ -67,7 +69,12 @@ class Dist:
         return t.tolist()
 
     def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients of `params` over ranks, in place (one flat all-reduce)."""
+        """Sum the gradients of `params` over ranks, in place (one flat all-reduce); FSDP's
+        sharded gradients are left to FSDP (it reduce-scattered them already)."""
+        if self.layers:
+            from lorafit.train.fsdp import is_sharded
+
+            params = [p for p in params if not is_sharded(p)]
         if not self.enabled or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -187,7 +194,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         run(args)
     except ChildFailedError as exc:
         failures = ", ".join(
-            f"rank {f.global_rank} (exit code {f.exitcode})" for f in exc.failures.values()
+            f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items())
         )
         print(f"error: training failed on {failures}; see the messages above", flush=True)
         return 1

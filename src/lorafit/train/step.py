@@ -17,6 +17,7 @@ from lorafit.ops.lean_blocks import patch_model
 from lorafit.ops.precision import autocast_context
 from lorafit.quant import quantized_modules
 from lorafit.tasks import Task, get_task
+import lorafit.train.fsdp as fsdp
 from lorafit.train.distributed import Dist
 
 
@@ -78,11 +79,14 @@ def forward_backward(
         n_total = int(dist.sum([float(n_total)])[0])
     n_total = n_total or 1
     step_loss = 0.0
-    for batch in group:
+    sharded = dist.layers if dist is not None and dist.enabled else []
+    for i, batch in enumerate(group):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         ids = batch.get("input_ids")
         kernel = attention_kernel(model, ids) if ids is not None else contextlib.nullcontext()
-        with kernel:  # backward too: checkpointing recomputes the forward in it
+        last = i == len(group) - 1  # FSDP reduces the shards' gradients after the last only
+        sync = fsdp.gradient_sync(sharded, last) if sharded else contextlib.nullcontext()
+        with kernel, sync:  # backward too: checkpointing recomputes the forward in it
             with autocast_context(precision, device):
                 loss = task.loss(model, batch, chunk)
             weight = task.target_count(batch) / n_total
@@ -92,6 +96,8 @@ def forward_backward(
     if dist is not None and dist.enabled:
         dist.reduce_gradients(grads)
         step_loss = dist.sum([step_loss])[0]
+    if sharded:
+        return step_loss, fsdp.clip_gradients(grads, max_grad_norm, dist)
     gnorm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))
     return step_loss, gnorm
 

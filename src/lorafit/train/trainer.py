@@ -14,6 +14,7 @@ and rank 0 alone writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -30,6 +31,7 @@ from lorafit.ops.precision import autocast_context
 from lorafit.tasks import get_task
 import lorafit.train.checkpoints as ckpt
 import lorafit.train.distributed as distributed
+import lorafit.train.fsdp as fsdp
 import lorafit.train.resume as resuming
 from lorafit.train.callbacks import Callback, TrainingStopped, default_callbacks
 from lorafit.train.config import RunConfig
@@ -104,6 +106,8 @@ class Trainer:
                 f"between the {world} processes; make it a multiple of {world}"
             )
         self.rank_batch = t.batch_size // world
+        if t.distributed == "fsdp" and self.dist.enabled and self.cfg.model.quantize != "none":
+            raise ValueError(fsdp.QUANTIZED)
         if t.threads:
             torch.set_num_threads(t.threads)
         random.seed(t.seed)
@@ -121,6 +125,14 @@ class Trainer:
         self.data: Prepared = prepare(self.cfg, self.task, self.resumed_from)
         self.model = self.data.model
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
+        if t.distributed == "fsdp" and self.dist.enabled:
+            self.dist.layers = fsdp.shard(self.model, self.dist)
+            here, whole = fsdp.weight_bytes(self.model)
+            self.log(
+                f"FSDP2: {len(self.dist.layers)} decoder layers sharded over {world} ranks; "
+                f"this rank holds {100 * here / whole:.0f}% of the weights "
+                f"({here / 2**20:.2f} of {whole / 2**20:.2f} MiB)"
+            )
         self.per_epoch = num_batches(len(self.data.train), self.rank_batch, world_size=world)
         self.total_steps = t.max_steps or max(
             1, math.ceil(t.epochs * self.per_epoch / t.grad_accum)
@@ -129,6 +141,8 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, t, self.total_steps)
         if payload is not None:
             self.state = TrainState.restore(payload, self.optimizer, self.scheduler)
+            if self.dist.layers:  # the checkpoint holds whole tensors: split them like the weights
+                fsdp.shard_optimizer_state(self.optimizer)
             self.log(f"resumed from {self.resumed_from} at step {self.state.step}")
         self.params = parameter_report(self.model)
         d = self.data
@@ -217,7 +231,7 @@ class Trainer:
         Under torch.distributed rank 0 computes them and every rank gets its numbers."""
         t, d = self.cfg.train, self.data
         metrics = None
-        if self.is_main:
+        if self.is_main or self.dist.layers:  # sharded layers need every rank in the forward
             with autocast_context(d.precision, d.device):
                 metrics = self.task.evaluate(
                     self.model, d.val, d.collator, t.batch_size, t.loss_chunk, t.eval_batches
@@ -235,12 +249,26 @@ class Trainer:
     def best_dir(self) -> Path:
         return self.out / ("best_adapter" if self.data.adapter else "best_model")
 
-    def save_checkpoint(self) -> Path:
+    def _whole(self):
+        """Within: the model's weights are whole on every rank (FSDP: gathered)."""
+        if self.dist.layers:
+            return fsdp.full_parameters(self.dist.layers)
+        return contextlib.nullcontext()
+
+    def save_checkpoint(self) -> Path | None:
+        """A checkpoint (written by rank 0; under FSDP every rank takes part in gathering it)."""
+        if not (self.is_main or self.dist.layers):
+            return None
         payload = self.state.to_payload(self.optimizer, self.scheduler, self.cfg.to_dict())
+        if self.dist.layers:
+            payload["optimizer"] = fsdp.full_optimizer_state(payload["optimizer"])
         t = self.cfg.train
-        return ckpt.save_checkpoint(
-            self.out, self.state.step, self.model, self.data.adapter, payload, t.keep_last
-        )
+        with self._whole():
+            if not self.is_main:
+                return None
+            return ckpt.save_checkpoint(
+                self.out, self.state.step, self.model, self.data.adapter, payload, t.keep_last
+            )
 
     def save_product(self, folder: Path) -> Path:
         """The run's product, atomically: an adapter folder, or (full fine-tuning) a loadable
@@ -258,14 +286,19 @@ class Trainer:
             if d.label_names is not None:
                 (tmp / LABELS_FILE).write_text(json.dumps(d.label_names) + "\n")
 
-        return atomic.write_dir(folder, build)
+        if not (self.is_main or self.dist.layers):
+            return folder
+        with self._whole():
+            if not self.is_main:
+                return folder
+            return atomic.write_dir(folder, build)
 
     def save(self) -> TrainResult:
         """Final evaluation, the final adapter (or model), loss plot and summary.json."""
         d = self.data
         if d.val and self._evaluated_at != self.state.step:
             self.evaluate()  # a resumed run whose steps were all done before it was stopped
-        final = self.save_product(self.final_dir) if self.is_main else self.final_dir
+        final = self.save_product(self.final_dir)  # rank 0 writes
         best = self.best_dir
         result = TrainResult(
             self.out,
