@@ -32,23 +32,33 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 
 
-def run(nproc: int, steps: int, scratch: Path, tag: str) -> dict:
-    out = scratch / f"p{nproc}_{tag}"
-    config = write_config(scratch / f"p{nproc}_{tag}.yaml", 8, 160, steps * 8 + 64)
+ROWS = {  # key -> (processes, train.distributed)
+    "1": (1, "ddp"),
+    "2 ddp": (2, "ddp"),
+    "2 fsdp": (2, "fsdp"),
+}
+
+
+def run(key: str, steps: int, scratch: Path, tag: str) -> dict:
+    nproc, mode = ROWS[key]
+    name = f"{key.replace(' ', '_')}_{tag}"
+    out = scratch / name
+    config = write_config(scratch / f"{name}.yaml", 8, 160, steps * 8 + 64)
     cmd = [sys.executable, "-m", "lorafit", "train", str(config), "--no-progress"]
-    for item in (f"train.output_dir={out}", f"train.max_steps={steps}", "train.tensorboard=false"):
+    sets = [f"train.output_dir={out}", f"train.max_steps={steps}", "train.tensorboard=false"]
+    for item in sets + [f"train.distributed={mode}"]:
         cmd += ["--set", item]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
-    log = open(scratch / f"p{nproc}_{tag}.log", "w")
+    log = open(scratch / f"{name}.log", "w")
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of it and its children
     wall = time.perf_counter() - started
     log.close()
     if os.waitstatus_to_exitcode(status) != 0:
-        tail = (scratch / f"p{nproc}_{tag}.log").read_text().strip().splitlines()[-5:]
-        raise SystemExit(f"{nproc} process(es) failed: {' | '.join(tail)}")
+        tail = (scratch / f"{name}.log").read_text().strip().splitlines()[-5:]
+        raise SystemExit(f"{key} failed: {' | '.join(tail)}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 2]
     val = [r["val_loss"] for r in rows if "val_loss" in r][-1]
@@ -58,7 +68,7 @@ def run(nproc: int, steps: int, scratch: Path, tag: str) -> dict:
         "peak_mb": usage.ru_maxrss / 1024,
         "val_loss": val,
     }
-    print(f"  [{tag}] {nproc} process(es): {res}", file=sys.stderr, flush=True)
+    print(f"  [{tag}] {key}: {res}", file=sys.stderr, flush=True)
     return res
 
 
@@ -71,23 +81,23 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="lorafit_dist_"))
-    results: dict[int, list[dict]] = {1: [], 2: []}
+    results: dict[str, list[dict]] = {key: [] for key in ROWS}
     for r in range(args.rounds):
-        for nproc in (1, 2) if r % 2 == 0 else (2, 1):
-            results[nproc].append(run(nproc, args.steps, scratch, f"r{r}"))
-    base = statistics.median(x["tokens_per_s"] for x in results[1])
+        for key in list(ROWS) if r % 2 == 0 else list(ROWS)[::-1]:
+            results[key].append(run(key, args.steps, scratch, f"r{r}"))
+    base = statistics.median(x["tokens_per_s"] for x in results["1"])
     lines = [
         f"{platform.machine()}, {os.cpu_count()} CPUs; SmolLM2-135M-Instruct, E2E as chat, global "
         f"batch 8, max_length 160, r=16 all-linear, {args.steps} steps, {args.rounds} interleaved "
         "round(s), medians",
         "",
         "| processes | batch per rank | tokens/s (job) | vs 1 | wall s | peak RSS per rank MB | final val loss |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for nproc, rs in results.items():
+    for key, rs in results.items():
         tps = statistics.median(x["tokens_per_s"] for x in rs)
         lines.append(
-            f"| {nproc} | {8 // nproc} | {tps:.0f} | {tps / base:.2f}x | "
+            f"| {key} | {8 // ROWS[key][0]} | {tps:.0f} | {tps / base:.2f}x | "
             f"{statistics.median(x['wall'] for x in rs):.1f} | "
             f"{statistics.median(x['peak_mb'] for x in rs):.0f} | "
             f"{statistics.median(x['val_loss'] for x in rs):.5f} |"
