@@ -235,3 +235,15 @@ def test_ranks_started_with_different_configs_an_uneven_batch_or_fsdp_on_int8_ar
     assert all(words in out for out in outputs), outputs
     assert all("Traceback" not in out for out in outputs)
     assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_ddp_trains_on_a_quantized_base_like_one_process(chat_setup, tmp_path):
+    runs = {}
+    for nproc in (1, 2):
+        config = _write_config(tmp_path, chat_setup, f"int8_{nproc}")
+        cfg = yaml.safe_load(config.read_text())
+        cfg["model"]["quantize"] = "int8"
+        config.write_text(yaml.safe_dump(cfg))
+        _train(config, nproc=nproc)
+        runs[nproc] = tmp_path / f"int8_{nproc}"
+    _assert_close_runs(runs[1], runs[2])
