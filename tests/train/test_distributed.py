@@ -246,4 +246,4 @@ def test_ddp_trains_on_a_quantized_base_like_one_process(chat_setup, tmp_path):
         config.write_text(yaml.safe_dump(cfg))
         _train(config, nproc=nproc)
         runs[nproc] = tmp_path / f"int8_{nproc}"
-    _assert_close_runs(runs[1], runs[2])
+    _assert_close_runs(runs[1], runs[2], rel=1e-3)  # int8 layers compute in bf16: its rounding

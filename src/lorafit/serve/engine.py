@@ -190,14 +190,18 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self) -> None:
-        rows = self._running
+        # The batch rows go sorted by adapter (running requests stay in slot order): each
+        # layer then adds every adapter's update to one slice of rows, without gathering them.
+        order = sorted(range(len(self._running)), key=lambda i: self._running[i].req.adapter)
+        rows = [self._running[i] for i in order]
         ids = torch.tensor([[r.req.generated[-1]] for r in rows], device=self.device)  # (S, 1)
         positions = torch.tensor([r.position for r in rows], device=self.device)  # (S,)
+        slots = None if order == sorted(order) else torch.tensor(order, device=self.device)
         with adapter_rows([r.req.adapter for r in rows], self.model):
             logits = self.model(
                 input_ids=ids,
                 position_ids=positions[:, None],
-                lorafit_attention=Decode(self.cache, positions),
+                lorafit_attention=Decode(self.cache, positions, slots),
                 use_cache=False,
                 logits_to_keep=1,
             ).logits[:, -1]  # (S, V)

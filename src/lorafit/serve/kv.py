@@ -70,11 +70,19 @@ class Prefill:
 
 
 class Decode:
-    def __init__(self, cache: KVSlots, positions: torch.Tensor):
+    """One new token per row. `slots[i]` is row i's slot (default: slot i); rows may come in
+    another order than their slots (the engine sorts them by adapter), the attention still reads
+    slots 0..S-1 as one view and only the queries are put in slot order and back."""
+
+    def __init__(self, cache: KVSlots, positions: torch.Tensor, slots: torch.Tensor | None = None):
         self.cache = cache
         self.positions = positions  # (S,) where each row's new token goes
         S = len(positions)
-        self.rows = torch.arange(S, device=positions.device)
+        self.slots = torch.arange(S, device=positions.device) if slots is None else slots
+        self.permuted = slots is not None
+        if self.permuted:
+            self.row_of_slot = torch.argsort(slots)  # (S,): the row held by slot j
+            positions = positions[self.row_of_slot]  # in slot order
         self.longest = int(positions.max()) + 1
         span = torch.arange(self.longest, device=positions.device)
         self.mask = (span[None, :] <= positions[:, None])[:, None, None, :]  # (S, 1, 1, L)
@@ -82,8 +90,11 @@ class Decode:
     def attend(self, module: nn.Module, query, key, value, scaling, dropout=0.0):
         layer, S = module.layer_idx, query.shape[0]
         k_buf, v_buf = self.cache.k[layer], self.cache.v[layer]
-        k_buf[self.rows, :, self.positions] = key[:, :, 0]
-        v_buf[self.rows, :, self.positions] = value[:, :, 0]
-        return _attend(
+        k_buf[self.slots, :, self.positions] = key[:, :, 0]
+        v_buf[self.slots, :, self.positions] = value[:, :, 0]
+        if self.permuted:
+            query = query[self.row_of_slot]
+        out = _attend(
             query, k_buf[:S, :, : self.longest], v_buf[:S, :, : self.longest], scaling, self.mask
         )
+        return out[self.slots] if self.permuted else out  # back to row order

@@ -72,9 +72,9 @@ class Dist:
         """Sum the gradients of `params` over ranks, in place (one flat all-reduce); FSDP's
         sharded gradients are left to FSDP (it reduce-scattered them already)."""
         if self.layers:
-            from lorafit.train.fsdp import is_sharded
+            from torch.distributed.tensor import DTensor
 
-            params = [p for p in params if not is_sharded(p)]
+            params = [p for p in params if not isinstance(p, DTensor)]
         if not self.enabled or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

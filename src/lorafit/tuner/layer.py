@@ -161,11 +161,18 @@ class LoraLayer(nn.Module):
             if name not in self.adapters:
                 return result
             return result + self.adapter_out(self.adapters[name], x, result)
+        if rows.spans is not None and not torch.is_grad_enabled():
+            # rows sorted by adapter, inference: add each group's update into its slice in place
+            for name, span in rows.spans.items():
+                if name in self.adapters:
+                    part = result[span]
+                    part += self.adapter_out(self.adapters[name], x[span], part)
+            return result
         result = result.clone()
-        for name, indices in rows.groups.items():
+        for name in rows.groups:
             if name not in self.adapters:
                 continue  # "__base__" rows, or an adapter that does not touch this layer
-            idx = torch.tensor(indices, device=x.device)  # (n,)
+            idx = rows.indices(name, x.device)  # (n,)
             ad = self.adapters[name]
             result[idx] = result[idx] + self.adapter_out(ad, x[idx], result[idx])
         return result

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 BASE = "__base__"
 """The row name meaning "no adapter" for that row."""
@@ -21,9 +23,20 @@ class Rows:
     names: tuple[str, ...]
     groups: dict[str, list[int]]
     """name -> the row indices that use it, in first-seen order."""
+    spans: dict[str, slice] | None = None
+    """name -> its rows as one slice, when every adapter's rows are contiguous (a batch sorted
+    by adapter): layers then work on views, without gathering rows."""
+    index: dict = field(default_factory=dict, compare=False)
+    """Per-device index tensors of the groups, made once per batch (not once per layer)."""
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def indices(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self.index:
+            self.index[key] = torch.tensor(self.groups[name], device=device)
+        return self.index[key]
 
 
 _ROWS: ContextVar[Rows | None] = ContextVar("lorafit_adapter_rows", default=None)
@@ -45,7 +58,9 @@ def rows_context(names: Sequence[str] | None) -> Iterator[None]:
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             groups.setdefault(name, []).append(i)
-        rows = Rows(tuple(names), groups)
+        contiguous = all(ix[-1] - ix[0] + 1 == len(ix) for ix in groups.values())
+        spans = {n: slice(ix[0], ix[-1] + 1) for n, ix in groups.items()} if contiguous else None
+        rows = Rows(tuple(names), groups, spans)
     token = _ROWS.set(rows)
     try:
         yield
