@@ -292,6 +292,12 @@ def word_llama():
 
 
 # --- a real HTTP server on loopback, for the serving tests ---------------------------------------
+SERVE_KEY = "test-key-123"
+"""The API key the serve tests start their servers with."""
+SERVE_SYSTEM = "Answer briefly."
+"""The training system prompt of the serve tests' adapter alpha."""
+
+
 class ServerThread:
     """`app` (ASGI) served by uvicorn on a free 127.0.0.1 port in a daemon thread; `.url`, `.stop()`."""
 

@@ -6,13 +6,10 @@ import json
 import pytest
 import torch
 
-from helpers import randomize_adapters, write_tiny_chat_model
+from helpers import SERVE_SYSTEM, randomize_adapters, write_tiny_chat_model
 from lorafit import LoraConfig, inject, save_adapter
 from lorafit.models import load_model
 from lorafit.serve import build
-
-KEY = "test-key-123"  # the API key the test servers are started with
-SYSTEM = "Answer briefly."  # alpha's training system prompt
 
 
 def _adapter(base, folder, seed, system=None):
@@ -31,7 +28,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     base = write_tiny_chat_model(root / "base")
     (root / "adapters").mkdir()
-    a = _adapter(base, root / "adapters" / "alpha", 1, SYSTEM)
+    a = _adapter(base, root / "adapters" / "alpha", 1, SERVE_SYSTEM)
     b = _adapter(base, root / "adapters" / "beta", 2)
     _adapter(base, root / "outside", 3)
     return {"root": root, "base": base, "alpha": a, "beta": b}

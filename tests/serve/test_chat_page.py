@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ServerThread
+from helpers import SERVE_KEY, ServerThread
 from lorafit.serve.app import create_app
 
-KEY = "test-key-123"  # as in conftest.py
+KEY = SERVE_KEY
 NEW_TOKENS = 20
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import ServerThread
+from helpers import SERVE_KEY, SERVE_SYSTEM, ServerThread
 from lorafit.models import load_model
 from lorafit.serve import build
 from lorafit.serve.app import create_app
@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-KEY, SYSTEM = "test-key-123", "Answer briefly."  # as in conftest.py
+KEY, SYSTEM = SERVE_KEY, SERVE_SYSTEM
 
 
 class _Server(ServerThread):

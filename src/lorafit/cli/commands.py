@@ -22,8 +22,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.nproc > 1:
             return launch(args.nproc, _train_argv(args))
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if launched() and int(os.environ.get("RANK", "0")) != 0:
-        return 0  # rank 0 reports for the job
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports for the job
     share = 100 * result.trainable_params / max(result.total_params, 1)
     print(
         f"\ndone: {result.steps} steps ({result.stopped}) in {result.wall_time_s:.1f}s, "

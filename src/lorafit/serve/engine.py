@@ -196,7 +196,9 @@ class Engine:
         rows = [self._running[i] for i in order]
         ids = torch.tensor([[r.req.generated[-1]] for r in rows], device=self.device)  # (S, 1)
         positions = torch.tensor([r.position for r in rows], device=self.device)  # (S,)
-        slots = None if order == sorted(order) else torch.tensor(order, device=self.device)
+        slots = (
+            None if order == list(range(len(order))) else torch.tensor(order, device=self.device)
+        )
         with adapter_rows([r.req.adapter for r in rows], self.model):
             logits = self.model(
                 input_ids=ids,

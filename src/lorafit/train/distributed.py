@@ -28,7 +28,6 @@ process does:
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,12 +105,10 @@ class Dist:
         """Refuse to start when the ranks were given different configs (naming the keys)."""
         if not self.enabled:
             return
-        flat = _flatten(config)
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, json.dumps(flat, sort_keys=True, default=str))
-        reference = json.loads(gathered[0])
-        for rank, text in enumerate(gathered[1:], start=1):
-            other = json.loads(text)
+        dist.all_gather_object(gathered, _flatten(config))
+        reference = gathered[0]
+        for rank, other in enumerate(gathered[1:], start=1):
             keys = sorted(
                 k for k in set(reference) | set(other) if reference.get(k) != other.get(k)
             )

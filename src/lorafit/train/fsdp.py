@@ -21,11 +21,11 @@ from torch import nn
 from lorafit.train.distributed import Dist
 
 
-def _fsdp():
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+def _dtensor():
+    """torch's DTensor API, imported when FSDP is used (not at every trainer's start-up)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    return FSDPModule, fully_shard, DTensor, distribute_tensor
+    return DTensor, distribute_tensor
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -48,8 +48,8 @@ QUANTIZED = (
 
 def shard(model: nn.Module, dist: Dist) -> list[nn.Module]:
     """fully_shard every decoder layer (not a quantized base: see QUANTIZED); returns them."""
-    FSDPModule, fully_shard, _, _ = _fsdp()
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(dist._device().type, (dist.world_size,))
     layers = list(decoder_layers(model))
@@ -71,8 +71,7 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def is_sharded(p: torch.Tensor) -> bool:
-    _, _, DTensor, _ = _fsdp()
-    return isinstance(p, DTensor)
+    return isinstance(p, _dtensor()[0])
 
 
 @contextlib.contextmanager
@@ -120,7 +119,7 @@ def full_parameters(layers: list[nn.Module]) -> Iterator[None]:
 
 def full_optimizer_state(state: dict) -> dict:
     """An optimizer state_dict with every sharded tensor gathered whole (call on every rank)."""
-    _, _, DTensor, _ = _fsdp()
+    DTensor, _ = _dtensor()
     out = {"param_groups": state["param_groups"], "state": {}}
     for key in sorted(state["state"]):
         out["state"][key] = {
@@ -132,7 +131,7 @@ def full_optimizer_state(state: dict) -> dict:
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """After load_state_dict of a full state: split each state tensor like its parameter."""
-    _, _, DTensor, distribute_tensor = _fsdp()
+    DTensor, distribute_tensor = _dtensor()
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not isinstance(p, DTensor):

@@ -249,6 +249,12 @@ class Trainer:
     def best_dir(self) -> Path:
         return self.out / ("best_adapter" if self.data.adapter else "best_model")
 
+    @property
+    def _saves(self) -> bool:
+        """Whether this rank takes part in writing a checkpoint or product: rank 0 writes; under
+        FSDP every rank helps gather the sharded tensors."""
+        return self.is_main or bool(self.dist.layers)
+
     def _whole(self):
         """Within: the model's weights are whole on every rank (FSDP: gathered)."""
         if self.dist.layers:
@@ -257,7 +263,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """A checkpoint (written by rank 0; under FSDP every rank takes part in gathering it)."""
-        if not (self.is_main or self.dist.layers):
+        if not self._saves:
             return None
         payload = self.state.to_payload(self.optimizer, self.scheduler, self.cfg.to_dict())
         if self.dist.layers:
@@ -286,7 +292,7 @@ class Trainer:
             if d.label_names is not None:
                 (tmp / LABELS_FILE).write_text(json.dumps(d.label_names) + "\n")
 
-        if not (self.is_main or self.dist.layers):
+        if not self._saves:
             return folder
         with self._whole():
             if not self.is_main:
