@@ -42,6 +42,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from lorafit.train.tune import parse_duration, tune
+
+    budget = parse_duration(args.budget) if args.budget else None
+    tune(args.config, args.set or [], budget, args.trials, args.study, args.seeds)
+    return 0
+
+
 def _train_argv(args: argparse.Namespace) -> list[str]:
     """`lorafit train` arguments for each process of a --nproc launch (without --nproc)."""
     argv = ["train"] + ([args.config] if args.config else [])

@@ -22,6 +22,7 @@ from lorafit.cli.commands import (
     cmd_quickstart,
     cmd_serve,
     cmd_train,
+    cmd_tune,
 )
 from lorafit.train.config import RUN_LORA_DEFAULTS, SECTIONS, field_docs
 
@@ -88,6 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
         "-m lorafit train ...; gloo on CPU, nccl on CUDA); train.batch_size is the global batch",
     )
     t.set_defaults(func=cmd_train)
+
+    tu = sub.add_parser(
+        "tune",
+        help="search rank and hyperparameters (Optuna) within a wall-clock budget",
+        description="Search the config's tune.space (default: rank, alpha/r, lr, targets, "
+        "dropout, init, rsLoRA, LoRA+ for LoRA; lr for full fine-tuning) with Optuna's TPE "
+        "sampler and a Hyperband pruner on the validation metric tune.metric. Each trial is a "
+        "real training run in its own process. The study is kept in SQLite: run the same "
+        "command again (or with --study DIR) to continue it. Writes best.yaml and report.md.",
+    )
+    tu.add_argument("config", nargs="?", help="YAML run config with an optional tune: section")
+    _add_overrides(tu)
+    tu.add_argument(
+        "--budget", help="wall clock for the whole search: 30m, 1h30m, 90s (the study's total)"
+    )
+    tu.add_argument("--trials", type=int, help="stop after N finished trials (study total)")
+    tu.add_argument(
+        "--study", help="study folder (default <train.output_dir>-tune); continued if it exists"
+    )
+    tu.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="rerun the best config with K fresh seeds and report mean +- std",
+    )
+    tu.set_defaults(func=cmd_tune)
 
     e = sub.add_parser(
         "eval",

@@ -27,6 +27,21 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_config(name: str, cache_dir: str | os.PathLike | None = None):
+    """The transformers config of a base model (alias, folder or .gguf) without loading weights;
+    a ValueError when it has none that transformers reads."""
+    import transformers
+
+    path = resolve_model_path(name)
+    folder = gguf_cache.cache_folder(path, cache_dir) if gguf_cache.is_gguf(path) else path
+    try:
+        if folder.is_dir():
+            return transformers.AutoConfig.from_pretrained(str(folder))
+        return transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{name}: no usable model config ({exc})") from None
+
+
 def pick_device(preference: str = "auto") -> torch.device:
     """Choose the device: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     if preference == "auto":

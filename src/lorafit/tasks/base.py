@@ -32,6 +32,9 @@ class Task:
     """Files that mark a trained adapter or model folder as this task's (e.g. labels.json)."""
     needs_labels_before_model: ClassVar[bool] = False
     """True when the label set (read from the data) decides the model's head size."""
+    metrics: ClassVar[dict[str, str]] = {"loss": "minimize"}
+    """The validation metrics `evaluate` returns, each with its better direction (maximize /
+    minimize): what `lorafit tune` may optimise."""
 
     def build_examples(
         self, records: Sequence[dict], tokenizer, data, labels: list[str] | None = None

@@ -33,6 +33,7 @@ class CausalLM(Task):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
     head = "causal-lm"
+    metrics = {"loss": "minimize", "perplexity": "minimize", "token_accuracy": "maximize"}
     generative = True
     padding_free = True
 

@@ -19,6 +19,7 @@ class Classification(Task):
     name = "classification"
     peft_task_type = "SEQ_CLS"
     head = "classification"
+    metrics = {"loss": "minimize", "accuracy": "maximize", "macro_f1": "maximize"}
     marker_files = (LABELS_FILE,)
     needs_labels_before_model = True
 

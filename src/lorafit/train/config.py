@@ -134,6 +134,100 @@ class TrainOptions:
     """Under torchrun (or --nproc): ddp (every rank holds the whole model; gradients all-reduced) or fsdp (FSDP2: each decoder layer's weights sharded over the ranks, for bases that do not fit one device; not with a quantized base)."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
+    relora: dict[str, Any] | None = None
+    """ReLoRA: {every: K, reset: prune|zero, prune_ratio: 0.999, warmup_steps: W}. Every K steps the adapter is merged into the (fp32) base, A and B start afresh, their optimizer state is magnitude-pruned (or zeroed) and the learning rate warms up again over W steps; the saved adapter is the sum of all the updates (rank = (restarts + 1) x r). Plain LoRA on an unquantized base (no DoRA / PiSSA, not under FSDP)."""
+
+
+RELORA_RESETS = ("prune", "zero")
+"""What a ReLoRA restart does to the optimizer state of A and B (train.relora.reset)."""
+
+
+@dataclass(frozen=True)
+class ReloraOptions:
+    """train.relora, checked (`relora_options`)."""
+
+    every: int
+    """Optimizer steps between restarts."""
+    reset: str = "prune"
+    """prune: keep only the largest (1 - prune_ratio) of each Adam moment; zero: clear them."""
+    prune_ratio: float = 0.999
+    """Share of each Adam moment of A and B set to zero at a restart (reset: prune)."""
+    warmup_steps: int = 10
+    """Steps over which the learning rate climbs back from 0 after each restart."""
+
+
+def relora_options(raw: dict[str, Any] | None) -> ReloraOptions | None:
+    """train.relora as ReloraOptions (None: off); a ValueError names the bad key."""
+    if raw is None:
+        return None
+    known = {f.name: f for f in dataclasses.fields(ReloraOptions)}
+    for key in raw:
+        if key not in known:
+            raise ValueError(f"unknown option train.relora.{key}{_suggest(key, known)}")
+    if "every" not in raw:
+        raise ValueError("train.relora needs every: K (optimizer steps between restarts)")
+    values = {k: _coerce(v, str(known[k].type), f"train.relora.{k}") for k, v in raw.items()}
+    opts = ReloraOptions(**values)
+    checks = [
+        (opts.every >= 2, f"train.relora.every must be >= 2, got {opts.every}"),
+        (
+            opts.reset in RELORA_RESETS,
+            f"train.relora.reset must be {one_of(RELORA_RESETS)}, got {opts.reset!r}",
+        ),
+        (0 <= opts.prune_ratio < 1, "train.relora.prune_ratio must be in [0, 1)"),
+        (
+            0 <= opts.warmup_steps < opts.every,
+            f"train.relora.warmup_steps must be in [0, every={opts.every}), "
+            f"got {opts.warmup_steps}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return opts
+
+
+def relora_blocker(cfg: RunConfig) -> str | None:
+    """Why this run cannot use ReLoRA exactly (None: it can)."""
+    m, t, lora = cfg.model, cfg.train, cfg.lora
+    if t.method != "lora":
+        return "train.relora needs train.method: lora (full fine-tuning has no adapter to restart)"
+    if m.quantize != "none":
+        return (
+            f"train.relora cannot merge into a {m.quantize}-quantized base exactly (merging and "
+            "re-quantizing at every restart is not implemented); use model.quantize: none"
+        )
+    if m.dtype in ("bfloat16", "float16"):
+        return (
+            f"train.relora merges every restart into the base, and a {m.dtype} base would round "
+            "the updates away; use model.dtype: auto or float32 (autocast still computes in bf16)"
+        )
+    if lora.use_dora or lora.init_lora_weights not in (True, "gaussian"):
+        what = "DoRA" if lora.use_dora else f"init_lora_weights {lora.init_lora_weights!r}"
+        return f"train.relora works with plain LoRA; {what} is not supported with it"
+    if lora.rank_pattern or lora.alpha_pattern:
+        return "train.relora needs one rank and alpha for every layer (no rank/alpha_pattern)"
+    if t.distributed == "fsdp":
+        return "train.relora is not supported with train.distributed: fsdp (use ddp)"
+    return None
+
+
+TUNE_DIRECTIONS = ("auto", "maximize", "minimize")
+TUNE_PRUNERS = ("hyperband", "median", "none")
+
+
+@dataclass
+class TuneOptions:
+    metric: str = "loss"
+    """Validation metric `lorafit tune` optimises (causal-lm: loss, perplexity, token_accuracy; classification: loss, accuracy, macro_f1). Never a test split."""
+    direction: str = "auto"
+    """maximize, minimize or auto (loss / perplexity are minimised, the others maximised)."""
+    space: dict[str, Any] | None = None
+    """The search space: {option: [choices] | {low, high, log}}, options as section.key (train.lr, lora.r, lora.lora_dropout...) plus lora.alpha_ratio (lora_alpha = ratio x r) and lora.targets (attention, mlp, all-linear). null: the default space of train.method."""
+    pruner: str = "hyperband"
+    """Stop weak trials early on their validation reports: hyperband, median or none."""
+    startup_trials: int = 5
+    """Random trials before the TPE sampler models the results."""
 
 
 RUN_LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
@@ -145,16 +239,24 @@ class RunConfig:
     data: DataOptions = field(default_factory=DataOptions)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(**RUN_LORA_DEFAULTS))
     train: TrainOptions = field(default_factory=TrainOptions)
+    tune: TuneOptions = field(default_factory=TuneOptions)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "train")}
+        names = ("model", "data", "train", "tune")
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in names}
         lora = dataclasses.asdict(self.lora)
         lora.pop("extra")
         out["lora"] = lora
         return out
 
 
-SECTIONS = {"model": ModelOptions, "data": DataOptions, "lora": LoraConfig, "train": TrainOptions}
+SECTIONS = {
+    "model": ModelOptions,
+    "data": DataOptions,
+    "lora": LoraConfig,
+    "train": TrainOptions,
+    "tune": TuneOptions,
+}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -296,6 +398,38 @@ def _validate_run(cfg: RunConfig, source: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{source}: {message}")
+    if t.relora is not None:
+        try:
+            relora_options(t.relora)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        blocker = relora_blocker(cfg)
+        if blocker:
+            raise ValueError(f"{source}: {blocker}")
+    _validate_tune(cfg, source)
+
+
+def _validate_tune(cfg: RunConfig, source: str) -> None:
+    from lorafit.tasks import get_task
+
+    u = cfg.tune
+    metrics = get_task(cfg.model.task).metrics
+    checks = [
+        (
+            u.metric in metrics,
+            f"tune.metric {u.metric!r} is not a validation metric of task {cfg.model.task} "
+            f"(it reports {one_of(metrics)})",
+        ),
+        (
+            u.direction in TUNE_DIRECTIONS,
+            f"tune.direction must be {one_of(TUNE_DIRECTIONS)}, got {u.direction!r}",
+        ),
+        (u.pruner in TUNE_PRUNERS, f"tune.pruner must be {one_of(TUNE_PRUNERS)}, got {u.pruner!r}"),
+        (u.startup_trials >= 0, "tune.startup_trials must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{source}: {message}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -319,6 +453,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config (or start from defaults when path is None) and apply --set overrides."""
+    raw, source = read_raw_config(path, overrides)
+    return build_run_config(raw, source)
+
+
+def read_raw_config(path: str | None, overrides: list[str] = ()) -> tuple[dict[str, Any], str]:
+    """(the YAML config as a nested dict with the --set overrides applied, its name for
+    messages), not yet checked (build_run_config checks it)."""
     import yaml
 
     raw: dict[str, Any] = {}
@@ -343,4 +484,4 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         if not isinstance(raw[section], dict):
             raise ValueError(f"{source}: section {section!r} must be a mapping")
         raw[section][key] = value
-    return build_run_config(raw, source)
+    return raw, source

@@ -18,9 +18,14 @@ import torch
 import transformers
 from torch import nn
 
-from lorafit.models import gguf_cache
-from lorafit.models.loading import DTYPES, HEADS, load_model, pick_device, pick_dtype
-from lorafit.models.sources import resolve_model_path
+from lorafit.models.loading import (
+    DTYPES,
+    HEADS,
+    load_model,
+    model_config,
+    pick_device,
+    pick_dtype,
+)
 from lorafit.models.streaming import build_empty
 from lorafit.ops.lean_blocks import patch_model
 from lorafit.ops.precision import resolve_precision
@@ -233,13 +238,8 @@ def runtime_rss(quantize: str = "none", device: str = "cpu", library: str = "aut
 def _inputs(cfg: RunConfig) -> tuple[object, dict, torch.device, str]:
     """(transformers config, estimate_memory's keywords, device, precision) of a run config."""
     m, t, head = cfg.model, cfg.train, get_task(cfg.model.task).head
-    path = resolve_model_path(m.name)
-    folder = gguf_cache.cache_folder(path, m.cache_dir) if gguf_cache.is_gguf(path) else path
+    hf_config = model_config(m.name, m.cache_dir)
     try:
-        if folder.is_dir():
-            hf_config = transformers.AutoConfig.from_pretrained(str(folder))
-        else:  # a GGUF not converted yet: its metadata
-            hf_config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         auto = getattr(transformers, HEADS[head].auto_class)
         auto._model_mapping[type(hf_config)]  # imports the model's code: part of the runtime
     except (OSError, ValueError, KeyError) as exc:
