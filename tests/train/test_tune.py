@@ -129,6 +129,7 @@ def _trials(study: Path) -> list[dict]:
 def test_a_study_writes_best_config_and_report_and_continues(chat_setup, tmp_path, capsys):
     space = {"lora.r": {"low": 2, "high": 8, "log": True}, "train.lr": [3e-3, 1e-2]}
     raw = _raw(chat_setup, tmp_path / "run", space)
+    raw["tune"]["metric"] = "token_accuracy"  # maximised; not the default (loss)
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump(raw))
     study = tmp_path / "study"
@@ -144,7 +145,8 @@ def test_a_study_writes_best_config_and_report_and_continues(chat_setup, tmp_pat
     report = (study / "report.md").read_text()
     assert f"lora.r`={best.lora.r}" in report and best.train.output_dir == str(tmp_path / "run")
     values = [json.loads((study / f"trials/{i:04d}/trial_result.json").read_text()) for i in (0, 1)]
-    best_value = min(v["value"] for v in values)
+    best_value = max(v["value"] for v in values)
+    assert all(v["value"] == v["final"]["val_token_accuracy"] for v in values)
     assert f"{best_value:.4f}" in report.split("**Best")[1].split("\n")[0]
     # each trial trained the config the sampler chose (its spec is what ran)
     for spec in _trials(study):
@@ -158,6 +160,9 @@ def test_a_study_writes_best_config_and_report_and_continues(chat_setup, tmp_pat
     assert len(_trials(study)) == 3
     seeds = json.loads((study / "seeds.json").read_text())
     assert [s["seed"] for s in seeds] == [1, 2] and all(s["steps"] == 10 for s in seeds)
+    for s in seeds:  # each seed's number is its run's final tune.metric
+        summary = json.loads((Path(s["dir"]) / "run" / "summary.json").read_text())
+        assert s["value"] == summary["final"]["val_token_accuracy"]
     assert "mean +- std of 2" in (study / "report.md").read_text()
     # a study is only continued with the config and space it searches
     raw["tune"]["space"]["train.lr"] = [1e-3]

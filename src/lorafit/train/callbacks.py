@@ -9,6 +9,11 @@ is optional):
     on_evaluate(trainer, metrics, improved) after each validation pass of the loop
     on_fit_end(trainer)                     always, also when a step raised (close files here)
 
+A callback with a `state_key` keeps state in checkpoints: `state_dict()` goes into the
+checkpoint's trainer state, and `load_state_dict(trainer, state)` gets it back on resume (after
+the model, optimizer and progress are restored). `edit_adapter(trainer)` may return a function that
+rewrites the saved adapter's tensors and config (ReLoRA saves the sum of its updates).
+
 A callback whose `main_process_only` is True only runs on the process that writes (rank 0 under
 torch.distributed); the others run everywhere, so every rank takes the same decisions.
 To stop training, a callback calls `trainer.stop(reason)`; the loop ends after that step's
@@ -28,6 +33,16 @@ class TrainingStopped(RuntimeError):
 
 class Callback:
     main_process_only = False
+    state_key: str | None = None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, trainer, state: dict) -> None:
+        pass
+
+    def edit_adapter(self, trainer):
+        return None
 
     def on_fit_start(self, trainer) -> None:
         pass
@@ -179,8 +194,9 @@ class Checkpoints(Callback):
             trainer.save_checkpoint()
 
 
-def default_callbacks(trainer, progress: bool) -> list[Callback]:
-    """The callbacks of a run per its config, in the order they must run."""
+def default_callbacks(trainer, progress: bool, extra: list[Callback] = ()) -> list[Callback]:
+    """The callbacks of a run per its config, in the order they must run; `extra` ones (e.g.
+    ReLoRA's restarts) run after evaluation and before the checkpoint."""
     t = trainer.cfg.train
     callbacks: list[Callback] = [NanGuard(), MetricsLogger()]
     if progress:
@@ -188,5 +204,6 @@ def default_callbacks(trainer, progress: bool) -> list[Callback]:
     callbacks += [Evaluation(), BestAdapter()]  # on_evaluate runs in list order: log, best, stop
     if t.early_stopping_patience:
         callbacks.append(EarlyStopping(t.early_stopping_patience))
+    callbacks += list(extra)
     callbacks.append(Checkpoints())  # last: it saves the state the others left
     return callbacks

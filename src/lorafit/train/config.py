@@ -135,7 +135,7 @@ class TrainOptions:
     tensorboard: bool = True
     """Also write TensorBoard event files."""
     relora: dict[str, Any] | None = None
-    """ReLoRA: {every: K, reset: prune|zero, prune_ratio: 0.999, warmup_steps: W}. Every K steps the adapter is merged into the (fp32) base, A and B start afresh, their optimizer state is magnitude-pruned (or zeroed) and the learning rate warms up again over W steps; the saved adapter is the sum of all the updates (rank = (restarts + 1) x r). Plain LoRA on an unquantized base (no DoRA / PiSSA, not under FSDP)."""
+    """ReLoRA: {every: K, reset: prune|zero, prune_ratio: 0.999, warmup_steps: W (default K/10)}. Every K steps the adapter is merged into the (fp32) base, A and B start afresh, their optimizer state is magnitude-pruned (or zeroed) and the learning rate warms up again over W steps; the saved adapter is the sum of all the updates (rank = (restarts + 1) x r). Plain LoRA on an unquantized base (no DoRA / PiSSA, not under FSDP)."""
 
 
 RELORA_RESETS = ("prune", "zero")
@@ -152,8 +152,8 @@ class ReloraOptions:
     """prune: keep only the largest (1 - prune_ratio) of each Adam moment; zero: clear them."""
     prune_ratio: float = 0.999
     """Share of each Adam moment of A and B set to zero at a restart (reset: prune)."""
-    warmup_steps: int = 10
-    """Steps over which the learning rate climbs back from 0 after each restart."""
+    warmup_steps: int | None = None
+    """Steps over which the learning rate climbs back from 0 after each restart (null: every / 10, at least 1)."""
 
 
 def relora_options(raw: dict[str, Any] | None) -> ReloraOptions | None:
@@ -168,6 +168,8 @@ def relora_options(raw: dict[str, Any] | None) -> ReloraOptions | None:
         raise ValueError("train.relora needs every: K (optimizer steps between restarts)")
     values = {k: _coerce(v, str(known[k].type), f"train.relora.{k}") for k, v in raw.items()}
     opts = ReloraOptions(**values)
+    if opts.warmup_steps is None and isinstance(opts.every, int):
+        opts = dataclasses.replace(opts, warmup_steps=max(1, opts.every // 10))
     checks = [
         (opts.every >= 2, f"train.relora.every must be >= 2, got {opts.every}"),
         (

@@ -1,5 +1,6 @@
 """AdamW over the trainable parameters (LoRA+: B matrices in their own, faster group) and the
-learning-rate schedule: linear warmup, then cosine, linear or constant."""
+learning-rate schedule: linear warmup, then cosine, linear or constant (ReLoRA: with a short
+warmup again after every restart)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from lorafit.train.config import SCHEDULES, TrainOptions, one_of
+from lorafit.train.config import SCHEDULES, ReloraOptions, TrainOptions, one_of, relora_options
 
 
 def build_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.AdamW:
@@ -38,6 +39,14 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 1.0
 
 
+def restart_factor(step: int, relora: ReloraOptions | None) -> float:
+    """ReLoRA's jagged schedule: after each restart (every `relora.every` steps) the learning rate
+    climbs back linearly over relora.warmup_steps; 1 before the first restart and without ReLoRA."""
+    if relora is None or step < relora.every or relora.warmup_steps == 0:
+        return 1.0
+    return min(1.0, (step % relora.every + 1) / (relora.warmup_steps + 1))
+
+
 def _check_schedule(kind: str) -> None:
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; choose {one_of(SCHEDULES)}")
@@ -49,6 +58,8 @@ def build_schedule(
     warmup = int(options.warmup_ratio * total)
     kind = options.schedule
     _check_schedule(kind)  # fail here, not at the first step
+    relora = relora_options(options.relora)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, kind)
+        optimizer,
+        lambda step: lr_factor(step, total, warmup, kind) * restart_factor(step, relora),
     )

@@ -139,7 +139,9 @@ def check_same_run(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
                 "resume with the config the run started with"
             )
     changed = [
-        k for k in ("seed", "batch_size", "method") if saved["train"].get(k) != now["train"][k]
+        k
+        for k in ("seed", "batch_size", "method", "relora")
+        if saved["train"].get(k) != now["train"][k]
     ]
     if changed:
         names = ", ".join(f"train.{k}" for k in changed)

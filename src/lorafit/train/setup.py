@@ -115,7 +115,12 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
         _restore_weights(model, weights_from, adapter)
     precision = resolve_precision(t.precision, next(model.parameters()).device)
     prepare_for_training(
-        model, precision, t.gradient_checkpointing, t.recompute_mlp, t.fused_kernels
+        model,
+        precision,
+        t.gradient_checkpointing,
+        t.recompute_mlp,
+        t.fused_kernels,
+        frozen_bf16=t.relora is None,  # ReLoRA merges into the base: it stays float32
     )
     padding_free = d.padding_free and task.padding_free and enable_lorafit_attention(model)
     return Prepared(
@@ -136,10 +141,13 @@ def load_dtype_for(cfg: RunConfig, fresh_head: bool) -> str:
     """model.dtype, except that a bf16 LoRA run whose every loaded weight stays frozen streams
     its weights straight into bf16: prepare_for_training would cast them to exactly these values
     anyway, after a float32 load that briefly held the model at twice the size. Runs that train
-    loaded weights (full fine-tuning, modules_to_save) or a fresh head keep them float32."""
+    loaded weights (full fine-tuning, modules_to_save) or a fresh head keep them float32, and so
+    does ReLoRA (its restarts merge updates into the base; bf16 would round them away)."""
     m, t = cfg.model, cfg.train
     if m.dtype != "auto" or t.method != "lora" or cfg.lora.modules_to_save or fresh_head:
         return m.dtype
+    if t.relora is not None:  # every restart merges into the base: float32 keeps the updates
+        return "float32"
     return "bfloat16" if resolve_precision(t.precision, pick_device(m.device)) == "bf16" else "auto"
 
 

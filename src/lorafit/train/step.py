@@ -27,6 +27,7 @@ def prepare_for_training(
     gradient_checkpointing: bool = False,
     recompute_mlp: bool = False,
     fused_kernels: bool = True,
+    frozen_bf16: bool = True,
 ) -> None:
     """The lean setup `train` uses (and the benchmark measures).
 
@@ -41,9 +42,10 @@ def prepare_for_training(
     RMSNorm and SwiGLU blocks get the lean autograd functions of `ops/lean_blocks.py`; with
     `recompute_mlp` the SwiGLU output is recomputed in backward rather than kept (moot under
     checkpointing). `fused_kernels` runs their element-wise math as compiled kernels
-    (`ops/fused.py`) rather than eager torch ops."""
+    (`ops/fused.py`) rather than eager torch ops. `frozen_bf16=False` keeps the frozen weights
+    in their dtype (ReLoRA merges into them)."""
     set_fusion(fused_kernels)
-    if precision == "bf16":
+    if precision == "bf16" and frozen_bf16:
         for p in model.parameters():
             if not p.requires_grad and p.dtype == torch.float32:
                 p.data = p.data.to(torch.bfloat16)

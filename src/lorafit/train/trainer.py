@@ -34,9 +34,10 @@ import lorafit.train.distributed as distributed
 import lorafit.train.fsdp as fsdp
 import lorafit.train.resume as resuming
 from lorafit.train.callbacks import Callback, TrainingStopped, default_callbacks
-from lorafit.train.config import RunConfig
+from lorafit.train.config import RunConfig, relora_options
 from lorafit.tasks.classification import LABELS_FILE, set_label_names
 from lorafit.train.optim import build_optimizer, build_schedule
+from lorafit.train.relora import Relora
 from lorafit.train.run_log import peak_memory_mb, write_loss_plot
 from lorafit.train.setup import Prepared, prepare
 from lorafit.train.state import StepOutput, TrainState
@@ -89,7 +90,11 @@ class Trainer:
         self.losses: list[float] = []
         self.last_eval: dict[str, float] = {}
         self.resumed_from: Path | None = None
-        self.callbacks = callbacks if callbacks is not None else default_callbacks(self, progress)
+        if callbacks is None:
+            relora = relora_options(cfg.train.relora)
+            extra = [Relora(relora, cfg.lora.init_lora_weights)] if relora else []
+            callbacks = default_callbacks(self, progress, extra)
+        self.callbacks = callbacks
         self._evaluated_at: int | None = None
         self._started = time.perf_counter()
 
@@ -143,6 +148,10 @@ class Trainer:
             self.state = TrainState.restore(payload, self.optimizer, self.scheduler)
             if self.dist.layers:  # the checkpoint holds whole tensors: split them like the weights
                 fsdp.shard_optimizer_state(self.optimizer)
+            saved = payload.get("callbacks", {})
+            for callback in self.callbacks:
+                if callback.state_key in saved:
+                    callback.load_state_dict(self, saved[callback.state_key])
             self.log(f"resumed from {self.resumed_from} at step {self.state.step}")
         self.params = parameter_report(self.model)
         d = self.data
@@ -266,6 +275,9 @@ class Trainer:
         if not self._saves:
             return None
         payload = self.state.to_payload(self.optimizer, self.scheduler, self.cfg.to_dict())
+        payload["callbacks"] = {
+            c.state_key: c.state_dict() for c in self.callbacks if c.state_key is not None
+        }
         if self.dist.layers:
             payload["optimizer"] = fsdp.full_optimizer_state(payload["optimizer"])
         t = self.cfg.train
@@ -276,6 +288,19 @@ class Trainer:
                 self.out, self.state.step, self.model, self.data.adapter, payload, t.keep_last
             )
 
+    def _adapter_edit(self):
+        """The callbacks' rewrites of the saved adapter, chained (None: none)."""
+        edits = [e for e in (c.edit_adapter(self) for c in self.callbacks) if e is not None]
+        if not edits:
+            return None
+
+        def edit(tensors, config):
+            for one in edits:
+                tensors, config = one(tensors, config)
+            return tensors, config
+
+        return edit
+
     def save_product(self, folder: Path) -> Path:
         """The run's product, atomically: an adapter folder, or (full fine-tuning) a loadable
         model folder; with LABELS_FILE (labels.json) for classification."""
@@ -283,7 +308,7 @@ class Trainer:
 
         def build(tmp: Path) -> None:
             if d.adapter is not None:
-                save_adapter(d.model, tmp, d.adapter)
+                save_adapter(d.model, tmp, d.adapter, edit=self._adapter_edit())
             else:
                 if d.label_names is not None:
                     set_label_names(d.model, d.label_names)

@@ -89,7 +89,7 @@ def run(spec_path: str | Path) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         atomic.write_json(result_path, {"error": first[:500]})
         return 1
-    metric = cfg.tune.metric
+    metric = spec.get("metric", cfg.tune.metric)
     atomic.write_json(
         result_path,
         {

@@ -676,9 +676,8 @@ def run_seeds(
         if folder.exists():
             atomic.remove_dir(folder)
         log(f"seed {seed}: training the best config ({i}/{k})")
-        result, _ = run_trial(
-            {"config": run_raw, "source": f"{source} (seed {seed})"}, folder, None
-        )
+        spec = {"config": run_raw, "source": f"{source} (seed {seed})", "metric": cfg.tune.metric}
+        result, _ = run_trial(spec, folder, None)
         if "error" in result:
             raise RuntimeError(f"seed {seed} failed: {result['error']} (log: {folder}/train.log)")
         out.append({"seed": seed, **result, "dir": str(folder)})

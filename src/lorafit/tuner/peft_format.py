@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,15 +128,23 @@ def resolved_targets(model: nn.Module, paths: list[str]) -> list[str]:
     return sorted(kept) if len(kept) < len(paths) else paths
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    name: str = "default",
+    edit: Callable[[dict[str, torch.Tensor], LoraConfig], tuple[dict, LoraConfig]] | None = None,
+) -> Path:
     """Write adapter `name` to `folder` (created if needed; other files in it are left alone).
 
     The weights, lorafit_base.json and adapter_config.json are first written complete under
     temporary names, then renamed into place in that order, the config last, so whoever finds
     the new config finds the new weights beside it. If anything fails, the folder is as before:
     a failed rename puts the previous files back. A model without `lorafit_base` removes a
-    lorafit_base.json left by an earlier adapter (it would name the wrong base)."""
+    lorafit_base.json left by an earlier adapter (it would name the wrong base). `edit` may
+    rewrite the PEFT-keyed tensors and config before they are written (ReLoRA's sum of updates)."""
     tensors, config = adapter_state_dict(model, name)
+    if edit is not None:
+        tensors, config = edit(tensors, config)
     folder = Path(folder)
     data = config.to_dict()
     data["peft_version"] = PEFT_FORMAT_VERSION  # the format written is this PEFT release's
