@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -223,11 +224,16 @@ def _param(key: str, spec: Any, where: str) -> Param:
     return Param(key, low=low, high=high, log=log, integer=integer)
 
 
+@functools.lru_cache(maxsize=8)
+def _model_type(name: str, cache_dir: str | None) -> str | None:
+    return getattr(model_config(name, cache_dir), "model_type", None)
+
+
 def target_modules(cfg: RunConfig, name: str) -> list[str] | str:
     """lora.targets `name` as target_modules for the run's base model."""
     if name == "all-linear":
         return "all-linear"
-    model_type = getattr(model_config(cfg.model.name, cfg.model.cache_dir), "model_type", None)
+    model_type = _model_type(cfg.model.name, cfg.model.cache_dir)
     sets = TARGET_SETS.get(model_type)
     if sets is None:
         raise ValueError(
