@@ -50,7 +50,9 @@ def test_the_saved_update_has_rank_above_r_and_is_the_trained_model(make_cfg, ch
         A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
         assert A.shape[0] == 4 * R and B.shape[1] == 4 * R
         saved = w0[f"{path}.weight"] + B @ A  # scale 1: alpha = r
-        live = layer.base_layer.weight.detach() + layer.delta_weight("default")
+        relora = next(c for c in trainer.callbacks if isinstance(c, Relora))
+        merged = relora.masters.get(path, layer.base_layer.weight.detach().float())
+        live = merged + layer.delta_weight("default")
         assert torch.allclose(saved, live, atol=1e-6, rtol=1e-5), path
         s = torch.linalg.svdvals(saved - w0[f"{path}.weight"])
         ranks.append(int((s > 1e-4 * s[0]).sum()))
@@ -76,8 +78,17 @@ def test_the_adapter_loads_in_peft_with_the_same_outputs(make_cfg, chat_setup, t
     assert not torch.allclose(a, base_logits, atol=1e-3)  # the adapter does change the model
 
 
-def test_a_restart_keeps_the_function_resets_the_factors_and_the_moments(make_cfg, tmp_path):
-    cfg = _cfg(make_cfg, tmp_path / "run", "train.max_steps=4", "train.relora={every: 100}")
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 3e-2)])
+def test_a_restart_keeps_the_function_resets_the_factors_and_the_moments(
+    make_cfg, tmp_path, precision, tolerance
+):
+    cfg = _cfg(
+        make_cfg,
+        tmp_path / "run",
+        "train.max_steps=4",
+        "train.relora={every: 100}",
+        f"train.precision={precision}",
+    )
     trainer = Trainer(cfg, progress=False, log=lambda _: None)
     trainer.setup()
     trainer.fit()  # 4 steps: a trained adapter and Adam moments, no restart yet
@@ -91,7 +102,12 @@ def test_a_restart_keeps_the_function_resets_the_factors_and_the_moments(make_cf
     relora.restart(trainer)
     with torch.no_grad():
         after = model(input_ids=ids).logits
-    assert torch.allclose(before, after, atol=1e-5)  # B = 0 again: merged, not lost
+    # B = 0 again: merged, not lost (bf16: the base's copy is rounded, its fp32 master is not)
+    assert torch.allclose(before, after, atol=tolerance * before.abs().max())
+    if precision == "bf16":
+        assert relora.masters and all(
+            lay.base_layer.weight.dtype == torch.bfloat16 for lay in layers.values()
+        )
     for path, layer in layers.items():
         ad = layer.adapters["default"]
         assert torch.count_nonzero(ad.B) == 0 and not torch.equal(ad.A, old_a[path])

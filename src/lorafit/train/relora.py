@@ -1,13 +1,14 @@
 """ReLoRA (Lialin et al., 2023): high-rank training through a sequence of low-rank updates.
 
-Every `train.relora.every` steps the adapter's update s·B·A is merged into the frozen base (fp32,
-so nothing is rounded away), A is drawn afresh and B set to zero (the model's function does not
+Every `train.relora.every` steps the adapter's update s·B·A is merged into the frozen base (in
+fp32, so nothing is rounded away: a bf16 run keeps fp32 masters of the merged weights in CPU
+memory and computes with their bf16 copy, as plain LoRA computes with a bf16 base), A is drawn afresh and B set to zero (the model's function does not
 change at a restart), the Adam moments of A and B are magnitude-pruned (or zeroed), and the
 learning rate climbs back over a short warmup (the jagged schedule, `optim.restart_factor`).
 
 What the run keeps: each restart's (A, B) per layer, in fp32 (a few MB each). Checkpoints carry
-them in trainer_state.pt (the base is never written): a resumed run loads the base, replays the
-merges in the same order with the same arithmetic (bit-identical weights), then continues. The
+them in trainer_state.pt (the base is never written): a resumed run loads the fp32 base, replays
+the merges in the same order with the same arithmetic (bit-identical weights), then continues. The
 saved adapter (adapter/, best_adapter/) is the whole update as ONE PEFT adapter of rank
 (restarts + 1) x r, the factors laid side by side with the scale folded into B (lora_alpha = r,
 scale 1), so PEFT and every lorafit command load it on the original base.
@@ -34,11 +35,14 @@ def _delta(layer, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tenso
 
 
 @torch.no_grad()
-def merge_update(layer, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-    """Add scale·B·A to the base weight, computing in fp32."""
-    W = layer.out_major_weight()
-    W += _delta(layer, A.to(W.device), B.to(W.device), scale)
-    layer.write_weight(W)
+def merge_update(
+    layer, A: torch.Tensor, B: torch.Tensor, scale: float, master: torch.Tensor | None = None
+) -> None:
+    """Add scale·B·A to the base weight, computing in fp32: into the layer's fp32 weight, or into
+    its fp32 `master` copy, whose rounding to the layer's dtype is then written to the layer."""
+    W = layer.out_major_weight() if master is None else master
+    W += _delta(layer, A, B, scale).to(W.device)
+    layer.write_weight(W.to(layer.device))
 
 
 @torch.no_grad()
@@ -60,6 +64,22 @@ class Relora(Callback):
         self.options, self.init = options, init
         self.updates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.restarts = 0
+        self.masters: dict[str, torch.Tensor] = {}  # bf16 runs: the merged weights in fp32, on CPU
+
+    def on_fit_start(self, trainer):
+        """A bf16 run computes with a bf16 copy of the base, as plain LoRA does (the model loads
+        in fp32 for ReLoRA): the merged weights live on as fp32 masters in CPU memory, and each
+        restart writes their rounding to bf16 into the model. Nothing is rounded away: the
+        updates add up in fp32, and the saved adapter holds their factors."""
+        if trainer.data.precision != "bf16" or self.masters:
+            return
+        name = trainer.data.adapter
+        for path, layer in lora_layers(trainer.model):
+            if name in layer.adapters:
+                self.masters[path] = layer.out_major_weight().cpu()
+        for p in trainer.model.parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
 
     # --- the restart -----------------------------------------------------------------------------
     def on_step_end(self, trainer, out):
@@ -75,7 +95,7 @@ class Relora(Callback):
                 continue
             ad = layer.adapters[name]
             A, B = ad.A.detach().clone(), ad.B.detach().clone()
-            merge_update(layer, A, B, ad.scale)
+            merge_update(layer, A, B, ad.scale, self.masters.get(path))
             self.updates.setdefault(path, []).append((A, B))
             ad.B.zero_()
             layer.kind.init_factors(ad.A.data, ad.B.data, self.init)

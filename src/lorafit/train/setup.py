@@ -120,7 +120,7 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
         t.gradient_checkpointing,
         t.recompute_mlp,
         t.fused_kernels,
-        frozen_bf16=t.relora is None,  # ReLoRA merges into the base: it stays float32
+        frozen_bf16=t.relora is None,  # ReLoRA: fp32 until its callback keeps fp32 masters
     )
     padding_free = d.padding_free and task.padding_free and enable_lorafit_attention(model)
     return Prepared(
@@ -142,7 +142,8 @@ def load_dtype_for(cfg: RunConfig, fresh_head: bool) -> str:
     its weights straight into bf16: prepare_for_training would cast them to exactly these values
     anyway, after a float32 load that briefly held the model at twice the size. Runs that train
     loaded weights (full fine-tuning, modules_to_save) or a fresh head keep them float32, and so
-    does ReLoRA (its restarts merge updates into the base; bf16 would round them away)."""
+    does ReLoRA (its restarts merge updates into fp32 masters of the base; train/relora.py casts
+    the model's copy to bf16 once the masters are taken)."""
     m, t = cfg.model, cfg.train
     if m.dtype != "auto" or t.method != "lora" or cfg.lora.modules_to_save or fresh_head:
         return m.dtype
