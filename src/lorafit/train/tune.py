@@ -574,10 +574,11 @@ def _search(study, params, raw, cfg, source, study_dir, trials, deadline, budget
         t0 = time.time()
         result, cut = run_trial(spec, folder, deadline)
         seconds = time.time() - t0
-        trial.set_user_attr("seconds", seconds)
-        trial.set_user_attr("steps", result.get("steps", 0))
-        study.set_user_attr("spent_s", spent())
         latest = study._storage.get_trial(trial._trial_id)
+        reached = max(latest.intermediate_values, default=0)  # a stopped trial's last report
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("steps", result.get("steps", reached))
+        study.set_user_attr("spent_s", spent())
         if cut:
             trial.set_user_attr("budget_cut", True)
             if latest.intermediate_values:
