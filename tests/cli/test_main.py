@@ -22,7 +22,8 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "tune", "eval", "generate", "merge", "inspect", "plan", "quickstart", "serve"]
+    "command",
+    ["train", "tune", "eval", "generate", "merge", "inspect", "plan", "quickstart", "serve"],
 )
 def test_every_command_documents_its_options(command, capsys):
     with pytest.raises(SystemExit):

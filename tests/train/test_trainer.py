@@ -106,9 +106,9 @@ def test_final_and_best_adapters_are_built_beside_their_target(make_cfg, tmp_pat
     # before renaming the new one in): a crash then left a broken or missing product.
     real, folders = trainer_mod.save_adapter, []
 
-    def spy(model, folder, name="default"):
+    def spy(model, folder, name="default", edit=None):
         folders.append(Path(folder))
-        return real(model, folder, name)
+        return real(model, folder, name, edit)
 
     monkeypatch.setattr(trainer_mod, "save_adapter", spy)
     train(make_cfg(tmp_path / "run", "train.max_steps=5", "train.save_every=0"), progress=False)
