@@ -9,6 +9,8 @@ them the one way training, evaluation and generation share, then pack and batch.
     chat.py      the one chat/prompt renderer (render_prompt, ChatRenderer; with_system from
                  formats.py, whose ShareGPT `system` field uses the same rule)
     batching.py  examples with loss masks, packing, collators, the deterministic batch order
+    images.py    the image format; IDX and class-folder readers
+    interactions.py  the user-item interaction format (recommendation)
 
 Import from here (`from lorafit.data import render_prompt`); the modules are the implementation.
 """
@@ -20,6 +22,7 @@ from lorafit.data.batching import (
     batches,
     build_causal_lm_examples,
     build_classification_examples,
+    label_set,
     num_batches,
     pack_examples,
 )
@@ -37,6 +40,9 @@ from lorafit.data.formats import (
     with_system,
 )
 from lorafit.data.readers import READERS, Location, Reader, read_rows, register_reader
+from lorafit.data import images, interactions  # noqa: E402,F401  (register their formats, readers)
+from lorafit.data.images import resolve_image
+from lorafit.data.interactions import rating_of
 from lorafit.data.records import (
     RecordList,
     load_split_records,
@@ -52,6 +58,9 @@ __all__ = [
     "batches",
     "build_causal_lm_examples",
     "build_classification_examples",
+    "label_set",
+    "rating_of",
+    "resolve_image",
     "num_batches",
     "pack_examples",
     "ChatRenderer",

@@ -49,6 +49,8 @@ def build_causal_lm_examples(
                 raise ValueError(
                     f"a {fmt} record (text + label); use build_classification_examples"
                 )
+            if kind not in ("chat", "document"):
+                raise ValueError(f"a {fmt} record is not text to learn; set model.task for it")
             check_fields(record, fmt)  # records may come from code, not only from read_records
             if kind == "document":
                 ids = chat.encode_text(record["text"])
@@ -99,14 +101,7 @@ def build_classification_examples(
         except ValueError as e:
             raise ValueError(f"{record_location(records, i, source)}: {e}") from None
         names.append(str(record["label"]).strip())
-    if labels is None:
-        try:
-            labels = sorted(set(names), key=float)
-        except ValueError:
-            labels = sorted(set(names))
-    labels = [str(name) for name in labels]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"duplicate label names in {labels}")
+    labels = label_set(names, labels)
     index = {name: k for k, name in enumerate(labels)}
     examples = []
     for i, (record, name) in enumerate(zip(records, names)):
@@ -117,6 +112,20 @@ def build_classification_examples(
         ids = tokenizer(record["text"], truncation=True, max_length=max_length)["input_ids"]
         examples.append({"input_ids": list(ids), "label": index[name]})
     return examples, labels
+
+
+def label_set(names: Sequence[str], labels: Sequence[str] | None = None) -> list[str]:
+    """The label names in head order: `labels` when given (a trained head's), else the sorted
+    distinct `names` (numerically if all are numbers, so "2" < "10")."""
+    if labels is None:
+        try:
+            labels = sorted(set(names), key=float)
+        except ValueError:
+            labels = sorted(set(names))
+    labels = [str(name) for name in labels]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate label names in {labels}")
+    return labels
 
 
 def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:

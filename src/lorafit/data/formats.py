@@ -48,10 +48,12 @@ _SHAREGPT_ROLES = {
 _MISSING_LABELS = {"nan", "-nan", "none", "null"}
 
 
-KINDS = ("chat", "document", "labelled")
+KINDS = ("chat", "document", "labelled", "image", "interaction")
 """How a form of record is learned: "chat" (a conversation: to_messages, loss on the assistant
 answers), "document" (plain text in its `text` field: every token learned) or "labelled" (a
-`text` and its class in `label`: a classifier's input and target, no causal-LM example)."""
+`text` and its class in `label`: a classifier's input and target, no causal-LM example), "image"
+(an image and its label: images.py) or "interaction" (a user, an item, maybe a rating:
+interactions.py)."""
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def evaluate_run(
     `loss=False` skips it (e.g. when only generation metrics are wanted on a large test set)."""
     task = get_task(cfg.model.task)
     # The run's product: an adapter, or with full fine-tuning a whole model folder.
-    product = "model" if cfg.train.method == "full" else "adapter"
+    product = "model" if cfg.train.method != "lora" else "adapter"
     adapter = adapter or str(Path(cfg.train.output_dir) / product)
     use_adapter = adapter.lower() != "none"
     if use_adapter and not Path(adapter).is_dir():

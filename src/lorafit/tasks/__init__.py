@@ -1,6 +1,11 @@
 """Tasks as plug-ins: each file registers one `Task` (see base.py); `get_task(name)` picks it."""
 
-from lorafit.tasks import causal_lm, classification  # noqa: F401  (registers the tasks)
+from lorafit.tasks import (  # noqa: F401  (registers the tasks)
+    causal_lm,
+    classification,
+    image_classification,
+    recommendation,
+)
 from lorafit.tasks.base import (
     DEFAULT_TASK,
     Task,

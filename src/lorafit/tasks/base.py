@@ -60,6 +60,12 @@ class Task:
         """How many loss targets a batch holds (micro-batches are weighted by it)."""
         raise NotImplementedError
 
+    def input_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the throughput counts in a batch: its tokens (input_ids), else its examples."""
+        if "input_ids" in batch:
+            return int(batch["input_ids"].numel())
+        return self.target_count(batch)
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
         """Mean loss over the batch's targets, with a graph for backward."""
         raise NotImplementedError
@@ -80,6 +86,31 @@ class Task:
     def infer(self, model: nn.Module, tokenizer, inputs: list[Any], **options) -> list[str]:
         """Outputs for user inputs (generated text, predicted labels)."""
         raise NotImplementedError
+
+    eval_needs_context: ClassVar[bool] = False
+    """True when evaluation needs the run's other examples (`eval_view`)."""
+
+    def eval_view(self, examples: list[dict], context: list[dict]) -> list[dict]:
+        """What `evaluate` reads for held-out `examples`, given every example of the run
+        (`context`: train, validation and history). Default: the examples themselves."""
+        return examples
+
+    def fresh_model(self, options: dict, records_lists, dtype=torch.float32):
+        """(model, processor) for `model.name: new`: a model built from scratch, sized from the
+        records (train, validation, history). Only tasks whose models lorafit defines can."""
+        raise ValueError(
+            f"model.name: new (a fresh model) is not available for task {self.name}; give a "
+            "pretrained model"
+        )
+
+    def product_files(self, data, processor) -> dict[str, str]:
+        """Files saved beside a trained adapter or model (name -> text): what inference needs
+        to read inputs as training did. They include the task's marker file."""
+        return {}
+
+    def read_product_files(self, folder: Path, processor):
+        """The processor inference uses, given a trained folder's product files."""
+        return processor
 
 
 def eval_batches(
@@ -116,13 +147,14 @@ DEFAULT_TASK = "causal-lm"  # what `model.task` defaults to, and what an unmarke
 
 
 def task_of_folder(folder: Path | None, peft_task_type: str | None = None) -> Task:
-    """The task an adapter or model folder was trained for: the one whose marker files it holds,
-    else the one writing its PEFT task_type, else the default task."""
+    """The task an adapter or model folder was trained for: the one with the most of its marker
+    files there (an image classifier's labels.json and image_preprocessing.json beat a text
+    classifier's labels.json alone), else the one writing its PEFT task_type, else the default."""
     tasks = [_TASKS[n] for n in task_names()]
     if folder is not None:
-        for task in tasks:
-            if any((Path(folder) / f).is_file() for f in task.marker_files):
-                return task
+        held = [sum((Path(folder) / f).is_file() for f in t.marker_files) for t in tasks]
+        if max(held) > 0:
+            return tasks[held.index(max(held))]
     for task in tasks:
         if peft_task_type and task.peft_task_type == peft_task_type:
             return task

@@ -36,12 +36,17 @@ def early_stopping_needs_validation(reason: str) -> str:
     )
 
 
+METHODS = ("lora", "full", "head")
+
+
 @dataclass
 class ModelOptions:
     name: str = "smollm2"
-    """Base model: 'smollm2' (SmolLM2-135M-Instruct, the default), 'minilm', a Hugging Face folder or a .gguf file."""
+    """Base model: 'smollm2' (SmolLM2-135M-Instruct, the default), 'minilm', 'efficientnet-lite0' (ImageNet CNN), a Hugging Face folder, a .gguf file, or 'new' (recommendation: a fresh model sized from the data, see model.init)."""
     task: str = "causal-lm"
-    """The task (lorafit.tasks): 'causal-lm' (chat / text generation) or 'classification' (text -> label, with a trained head)."""
+    """The task (lorafit.tasks): 'causal-lm' (chat / text generation), 'classification' (text -> label, with a trained head), 'image-classification' (image -> label: a CNN with a trained head) or 'recommendation' (user-item interactions -> ratings and rankings)."""
+    init: dict[str, Any] | None = None
+    """With model.name: new, the fresh model's architecture options: recommendation takes dim (embedding size, default 32) and init_std (default 0.1)."""
     dtype: str = "auto"
     """Weight dtype: auto (float32 on CPU; training uses autocast), float32, bfloat16 or float16."""
     device: str = "auto"
@@ -76,6 +81,10 @@ class DataOptions:
     """System message put before every chat that has none (also used by `lorafit eval --generate`)."""
     max_examples: int | None = None
     """Use only the first N training rows (quick experiments)."""
+    image_size: int | None = None
+    """Image classification: the side in pixels images are resized to (default: the model's, 224 for EfficientNet-Lite0)."""
+    history: list[str] | None = None
+    """Recommendation: files of other interactions of the same users (same columns as data.train), never trained on: their ids get rows in a new model, and ranking evaluation never recommends an item a user already has in data.train, data.validation or here."""
 
 
 @dataclass
@@ -83,7 +92,7 @@ class TrainOptions:
     output_dir: str = "runs/lorafit"
     """Folder for the adapter, checkpoints, metrics.jsonl, TensorBoard logs and the loss plot."""
     method: str = "lora"
-    """'lora' (train an adapter) or 'full' (full fine-tuning of every weight: the baseline LoRA is compared with)."""
+    """'lora' (train an adapter), 'full' (full fine-tuning of every weight: the baseline LoRA is compared with) or 'head' (only the task's freshly initialised head trains, the base stays frozen: a linear probe); full and head save a whole model folder."""
     epochs: float = 1.0
     """Passes over the training data (fractions allowed); max_steps wins when set."""
     max_steps: int | None = None
@@ -361,7 +370,15 @@ def _validate_run(cfg: RunConfig, source: str) -> None:
             t.schedule in SCHEDULES,
             f"train.schedule must be {one_of(SCHEDULES)}, got {t.schedule!r}",
         ),
-        (t.method in ("lora", "full"), f"train.method must be 'lora' or 'full', got {t.method!r}"),
+        (
+            t.method in METHODS,
+            f"train.method must be {one_of(METHODS)}, got {t.method!r}",
+        ),
+        (
+            m.name != "new" or t.method == "full",
+            "model.name: new builds a fresh model, which trains in full: set train.method: full",
+        ),
+        (m.init is None or m.name == "new", "model.init only applies to model.name: new"),
         (
             m.quantize in ("none", *SCHEMES),
             f"model.quantize must be {one_of(('none', *SCHEMES))}, got {m.quantize!r}",

@@ -72,6 +72,25 @@ def read_splits(cfg: RunConfig) -> tuple[list[dict], list[dict], str]:
     return train, val, reason
 
 
+def read_history(cfg: RunConfig) -> list:
+    """The records of data.history's files (ids and context only, never trained on)."""
+    from lorafit.data import read_records
+
+    return [read_records(path, cfg.data.columns) for path in cfg.data.history or []]
+
+
+def _train_heads_only(model: nn.Module, task: Task) -> None:
+    heads = task.trained_heads(model)
+    if not heads:
+        raise ValueError(
+            f"train.method: head trains only a task's fresh head, and task {task.name} has "
+            "none; use train.method: lora or full"
+        )
+    model.requires_grad_(False)
+    for name in heads:
+        model.get_submodule(name).requires_grad_(True)
+
+
 def _no_validation_reason(cfg: RunConfig, n_train: int) -> str:
     d = cfg.data
     if d.validation:
@@ -91,7 +110,15 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
     checkpoint folder) the trained weights are those of the checkpoint."""
     d, m, t = cfg.data, cfg.model, cfg.train
     train_rec, val_rec, no_validation = read_splits(cfg)  # a bad file fails before the model load
-    if task.needs_labels_before_model:  # the label set decides the head's size
+    history_rec = read_history(cfg)
+    if m.name == "new":  # a model built from scratch, sized from the data
+        torch.manual_seed(t.seed)
+        model, tokenizer = task.fresh_model(m.init or {}, [train_rec, val_rec, *history_rec])
+        model = model.to(pick_device(m.device))
+        model.config._name_or_path = "new"
+        model.__dict__["lorafit_base"] = {"requested": "new"}
+        train, names = task.build_examples(train_rec, tokenizer, d)
+    elif task.needs_labels_before_model:  # the label set decides the head's size
         tokenizer = load_tokenizer(m.name, m.cache_dir)
         train, names = task.build_examples(train_rec, tokenizer, d)
         model, tokenizer = _load(cfg, task, len(names))
@@ -104,10 +131,15 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
     if val_rec and not val:
         no_validation = _no_validation_reason(cfg, len(train_rec))
         _check_validation_needed(cfg, no_validation)
+    if task.eval_needs_context:
+        history = [e for recs in history_rec for e in task.build_examples(recs, tokenizer, d)[0]]
+        val = task.eval_view(val, train + val + history)
     train = task.pack(train, d)
     torch.manual_seed(t.seed)  # the adapter's initial values
     adapter = ADAPTER if t.method == "lora" else None
-    if adapter is None:
+    if t.method == "head":
+        _train_heads_only(model, task)
+    elif adapter is None:
         model.requires_grad_(True)
     else:
         inject(model, _adapter_config(cfg, task, model), adapter)

@@ -46,9 +46,12 @@ def prepare_for_training(
     in their dtype (ReLoRA merges into them)."""
     set_fusion(fused_kernels)
     if precision == "bf16" and frozen_bf16:
-        for p in model.parameters():
-            if not p.requires_grad and p.dtype == torch.float32:
-                p.data = p.data.to(torch.bfloat16)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue  # its fp32 running statistics need fp32 weights (and are tiny)
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad and p.dtype == torch.float32:
+                    p.data = p.data.to(torch.bfloat16)
     patch_model(model, recompute_swiglu=recompute_mlp and not gradient_checkpointing)
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -119,7 +119,7 @@ class Trainer:
         payload = None
         if self.resume:
             self.resumed_from = resuming.find_checkpoint(self.out, self.resume)
-            payload = resuming.load_checkpoint(self.resumed_from, full_model=t.method == "full")
+            payload = resuming.load_checkpoint(self.resumed_from, full_model=t.method != "lora")
             resuming.check_same_run(payload["config"], self.cfg, self.resumed_from)
         else:
             resuming.check_fresh_start(self.out)
@@ -212,7 +212,7 @@ class Trainer:
             t.max_grad_norm,
             self.dist,
         )
-        tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        tokens = sum(self.task.input_count(b) for b in micro)
         if self.dist.enabled:  # the progress bar and metrics show the whole job's tokens
             tokens = int(self.dist.sum([float(tokens)])[0])
         out = StepOutput(loss, grad_norm, tokens)
@@ -316,6 +316,8 @@ class Trainer:
                 d.tokenizer.save_pretrained(tmp)
             if d.label_names is not None:
                 (tmp / LABELS_FILE).write_text(json.dumps(d.label_names) + "\n")
+            for name, text in d.task.product_files(self.cfg.data, d.tokenizer).items():
+                (tmp / name).write_text(text)
 
         if not self._saves:
             return folder
