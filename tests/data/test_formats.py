@@ -50,6 +50,8 @@ def test_detect_format_each_form_and_error_lists_forms():
         "prompt_completion",
         "classification",
         "text",
+        "image",
+        "interaction",
     ]
     for name, record in RECORDS.items():
         assert detect_format(record) == name

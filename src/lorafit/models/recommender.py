@@ -61,6 +61,7 @@ class MatrixFactorization(PreTrainedModel):
     def __init__(self, config: RecommenderConfig):
         super().__init__(config)
         n_users, n_items = max(len(config.users), 1), max(len(config.items), 1)
+        self.n_items = n_items  # the tables may be wrapped (LoRA), so not read back from them
         self.user_embedding = nn.Embedding(n_users, config.dim)
         self.item_embedding = nn.Embedding(n_items, config.dim)
         self.user_bias = nn.Embedding(n_users, 1)
@@ -86,7 +87,7 @@ class MatrixFactorization(PreTrainedModel):
 
     def catalogue_scores(self, users: torch.Tensor) -> torch.Tensor:
         """Ranking logits of every item for each user: (N,) -> (N, n_items)."""
-        all_items = torch.arange(self.item_embedding.num_embeddings, device=users.device)
+        all_items = torch.arange(self.n_items, device=users.device)
         q = self.item_embedding(all_items)  # (I, d)
         return self.user_embedding(users) @ q.T + self.item_popularity(all_items).squeeze(-1)
 
