@@ -331,3 +331,80 @@ class ServerThread:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(30)
+
+
+TINY_STAGES = ((1, 3, 1, 1, 8, 8), (1, 3, 2, 2, 8, 16), (1, 5, 1, 2, 16, 16))
+"""A 3-block EfficientNet-Lite (stride-1 and stride-2 blocks, k=3 and k=5) for fast tests."""
+
+
+def tiny_cnn(num_labels: int = 4, seed: int = 0):
+    from lorafit.models.vision import EfficientNetLiteConfig, EfficientNetLiteForImageClassification
+
+    torch.manual_seed(seed)
+    config = EfficientNetLiteConfig(
+        stages=TINY_STAGES,
+        stem_channels=8,
+        head_channels=32,
+        image_size=16,
+        num_labels=num_labels,
+    )
+    model = EfficientNetLiteForImageClassification(config)
+    for m in model.modules():  # non-trivial BatchNorm statistics, so eval-mode BN matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def write_tiny_cnn(folder: Path, num_labels: int = 4, seed: int = 0) -> Path:
+    tiny_cnn(num_labels, seed).save_pretrained(folder)
+    return folder
+
+
+def write_idx(folder: Path, stem: str, images, labels) -> Path:
+    """`stem`-images-idx3-ubyte.gz + `stem`-labels-idx1-ubyte.gz (MNIST's format)."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    images = np.asarray(images, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">BBBB3I", 0, 0, 8, 3, *images.shape) + images.tobytes())
+    with gzip.open(folder / f"{stem}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">BBBBI", 0, 0, 8, 1, len(labels)) + labels.tobytes())
+    return path
+
+
+def write_pattern_idx(folder: Path, stem: str, n: int, size: int = 12, seed: int = 0) -> Path:
+    """n learnable greyscale images of 4 classes (a bright quadrant per class, plus noise)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 60, (n, size, size))
+    h = size // 2
+    for i, c in enumerate(labels):
+        r, k = divmod(int(c), 2)
+        images[i, r * h : (r + 1) * h, k * h : (k + 1) * h] += 180
+    return write_idx(folder, stem, images, labels)
+
+
+def write_interactions(
+    path: Path, n_users: int = 12, n_items: int = 20, n: int = 240, seed: int = 0
+) -> Path:
+    """user,item,rating rows with structure (users like items of their own parity)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = ["user,item,rating"]
+    for _ in range(n):
+        u, i = rng.randrange(n_users), rng.randrange(n_items)
+        rating = 4.5 if (u + i) % 2 == 0 else 1.5
+        rows.append(f"u{u},m{i},{rating}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    return path

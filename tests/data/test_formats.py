@@ -260,7 +260,7 @@ def test_a_new_format_is_one_registration(restore_formats, chat_tok):
         ),
         before="text",
     )
-    assert list(FORMATS)[-2:] == ["qa", "text"]
+    assert list(FORMATS)[-4:] == ["qa", "text", "image", "interaction"]
     record = {"question": "hello there", "answer": "how are you today?"}
     assert detect_format(record) == "qa" and prompt_and_answer(record) == prompt_and_answer(
         RECORDS["prompt_completion"]
@@ -281,8 +281,10 @@ def test_each_format_says_how_it_is_learned(restore_formats, chat_tok):
         "prompt_completion": "chat",
         "classification": "labelled",
         "text": "document",
+        "image": "image",
+        "interaction": "interaction",
     }
-    assert set(KINDS) == {"chat", "document", "labelled"}
+    assert set(KINDS) == {"chat", "document", "labelled", "image", "interaction"}
     register_format(
         Format(
             "sourced_text",

@@ -50,7 +50,16 @@ def assert_plain(value):
 
 
 def test_registry_has_one_reader_per_kind():
-    assert list(READERS) == ["json", "csv", "tsv", "parquet", "datasets", "hub-parquet"]
+    assert list(READERS) == [
+        "json",
+        "csv",
+        "tsv",
+        "parquet",
+        "datasets",
+        "hub-parquet",
+        "idx",
+        "image-folders",
+    ]
 
 
 # --------------------------------------------------------------------------------- text files

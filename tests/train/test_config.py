@@ -42,7 +42,7 @@ def test_early_stopping_without_validation_is_refused():
         ({"train": {"warmup_ration": 1}}, "train.warmup_ration (did you mean 'warmup_ratio'?)"),
         ({"train": {"batch_size": "big"}}, "train.batch_size must be int"),
         ({"train": {"schedule": "exp"}}, "train.schedule must be cosine, linear or constant"),
-        ({"train": {"method": "qlora"}}, "train.method must be 'lora' or 'full'"),
+        ({"train": {"method": "qlora"}}, "train.method must be lora, full or head"),
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction must be in [0, 1)"),
         ({"model": {"quantize": "fp4"}}, "model.quantize must be none, nf4 or int8"),
         (

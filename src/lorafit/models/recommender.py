@@ -70,9 +70,12 @@ class MatrixFactorization(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Embedding):
-            std = self.config.init_std if module.embedding_dim > 1 else 0.0
-            nn.init.normal_(module.weight, std=std) if std else nn.init.zeros_(module.weight)
+        if any(module is getattr(self, n, None) for n in ("user_embedding", "item_embedding")):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        elif any(
+            module is getattr(self, n, None) for n in ("user_bias", "item_bias", "item_popularity")
+        ):
+            nn.init.zeros_(module.weight)
 
     def rating(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         dot = (self.user_embedding(users) * self.item_embedding(items)).sum(-1)  # (N,)

@@ -158,7 +158,7 @@ class EfficientNetLiteForImageClassification(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):  # a fresh head: small logits at the start
+        if module is getattr(self, "classifier", None):  # a fresh head: small logits at first
             nn.init.normal_(module.weight, std=0.01)
             nn.init.zeros_(module.bias)
 

@@ -1,8 +1,10 @@
 """nn.Conv1d / Conv2d / Conv3d: weight (out, in, *k).
 
 As in PEFT, A is a convolution like the base (r, in, *k) with its stride and padding, and B is a
-1x1 convolution (out, r, 1, ...). Grouped and dilated convolutions are refused (PEFT does too),
-and so is any padding_mode but zeros: the branch pads with zeros.
+1x1 convolution (out, r, 1, ...). Grouped (depthwise) and dilated convolutions are refused: PEFT's
+grouped-conv LoRA is a dense branch, not a low-rank update of the grouped weight, so it cannot
+merge (and needs r divisible by groups); any padding_mode but zeros is refused too: the branch
+pads with zeros.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ class ConvKind(LayerKind):
 
     def check(self, module: nn.modules.conv._ConvNd) -> None:
         if module.groups != 1 or any(d != 1 for d in module.dilation):
-            raise TypeError("LoRA on grouped or dilated convolutions is not supported (as in PEFT)")
+            raise TypeError(
+                "LoRA on grouped or dilated convolutions is not supported: for a grouped one "
+                "(e.g. depthwise) PEFT adds a dense branch that is no low-rank update of the "
+                "grouped weight (it cannot merge, and needs r divisible by groups: r >= channels "
+                "for depthwise); target the full / pointwise convolutions, and train a depthwise "
+                "one (C x k x k weights) in full with modules_to_save if it must change"
+            )
         if module.padding_mode != "zeros":
             raise TypeError("LoRA on convolutions needs padding_mode='zeros'")
 
