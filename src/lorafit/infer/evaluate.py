@@ -29,6 +29,16 @@ def prompts_and_references(records: list[dict]) -> tuple[list[list[dict]], list[
     return [m for m, _ in grouped.values()], [r for _, r in grouped.values()]
 
 
+def _context(cfg, task, processor, labels) -> list[dict]:
+    """Every example of the run's files (train, validation, history), for `Task.eval_view`."""
+    d = cfg.data
+    paths = [d.train, d.validation, *(d.history or [])]
+    context = []
+    for path in filter(None, paths):
+        context += task.build_examples(read_records(path, d.columns), processor, d, labels)[0]
+    return context
+
+
 def evaluate_run(
     cfg,
     adapter: str | None = None,
@@ -39,6 +49,7 @@ def evaluate_run(
     limit: int | None = None,
     predictions: str | None = None,
     loss: bool = True,
+    report: str | None = None,
 ) -> dict[str, float]:
     """Metrics of an adapter folder (default: <output_dir>/adapter; "none": the base model) on
     `data` or the run's validation split. The teacher-forced pass runs under the run's precision;
@@ -78,6 +89,8 @@ def evaluate_run(
     if loss or task.needs_labels_before_model:
         labels = list(model.config.id2label.values()) if task.needs_labels_before_model else None
         examples, _ = task.build_examples(records, tokenizer, d, labels=labels)
+        if task.eval_needs_context:  # e.g. what a user already has: never recommended again
+            examples = task.eval_view(examples, _context(cfg, task, tokenizer, labels))
         device = next(model.parameters()).device
         with autocast_context(resolve_precision(cfg.train.precision, device), device):
             metrics = task.evaluate(
@@ -87,6 +100,9 @@ def evaluate_run(
                 cfg.train.batch_size,
                 cfg.train.loss_chunk,
             )
+            if report:
+                collate = task.collator(tokenizer)
+                task.write_report(model, examples, collate, Path(report), cfg.train.batch_size)
     if generate:
         prompts, refs = prompts_and_references(records)
         prompts = [with_system(p, d.system_prompt) for p in prompts]

@@ -40,6 +40,10 @@ LITE0_STAGES = (
 
 
 class EfficientNetLiteConfig(PretrainedConfig):
+    """bn_momentum is PyTorch's default 0.1, not TensorFlow's 0.01 (momentum 0.99 there): it only
+    matters when BatchNorm trains (full fine-tuning), and with 0.01 a run of a few hundred steps
+    evaluates with statistics still mostly ImageNet's, not those it trained with."""
+
     model_type = "lorafit-efficientnet-lite"
 
     def __init__(
@@ -50,7 +54,7 @@ class EfficientNetLiteConfig(PretrainedConfig):
         dropout: float = 0.2,
         drop_connect: float = 0.2,
         bn_eps: float = 1e-3,
-        bn_momentum: float = 0.01,
+        bn_momentum: float = 0.1,
         image_size: int = 224,
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
@@ -188,6 +192,7 @@ AutoModelForImageClassification.register(
     EfficientNetLiteConfig, EfficientNetLiteForImageClassification
 )
 
+CONVERSION = "v2"  # a new value rebuilds cached conversions (v2: BatchNorm momentum 0.1)
 PACKAGED_KEYS = {"_fc.weight": "classifier.weight", "_fc.bias": "classifier.bias"}
 """The packaged state_dict's names that differ from ours (its head is `_fc`)."""
 
@@ -224,7 +229,7 @@ def convert_packaged(pth: pathlib.Path, folder: pathlib.Path) -> None:
 
 def packaged_folder(pth: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
     """Where the converted copy of a packaged torch file lives (named after the file)."""
-    return root / "models" / pth.stem
+    return root / "models" / f"{pth.stem}-{CONVERSION}"
 
 
 class ImageProcessor:

@@ -103,6 +103,10 @@ class Task:
             "pretrained model"
         )
 
+    def write_report(self, model, examples, collator, folder: Path, batch_size: int = 32) -> list:
+        """Figures of an evaluation written into `folder` (`lorafit eval --report`); the paths."""
+        return []
+
     def product_files(self, data, processor) -> dict[str, str]:
         """Files saved beside a trained adapter or model (name -> text): what inference needs
         to read inputs as training did. They include the task's marker file."""

@@ -118,6 +118,20 @@ class ImageClassification(Task):
             "macro_f1": macro_f1(preds, golds),
         }
 
+    def write_report(self, model, examples, collator, folder: Path, batch_size: int = 32) -> list:
+        """confusion_matrix.png and confusion_matrix.json (rows: true class, columns: predicted)."""
+        from lorafit.atomic import write_json
+
+        _, preds, golds = self.predictions(model, examples, collator, max(batch_size, 32))
+        names = [model.config.id2label.get(i, str(i)) for i in range(model.config.num_labels)]
+        matrix = confusion_matrix(preds, golds, len(names))
+        title = f"accuracy {accuracy(preds, golds):.4f}, macro-F1 {macro_f1(preds, golds):.4f}"
+        png = write_confusion_png(matrix, names, Path(folder) / "confusion_matrix.png", title)
+        js = write_json(
+            Path(folder) / "confusion_matrix.json", {"labels": names, "matrix": matrix.tolist()}
+        )
+        return [png, js]
+
     def product_files(self, data, processor) -> dict[str, str]:
         p = processor.resized(getattr(data, "image_size", None))
         return {

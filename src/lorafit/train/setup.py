@@ -152,7 +152,9 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
         t.gradient_checkpointing,
         t.recompute_mlp,
         t.fused_kernels,
-        frozen_bf16=t.relora is None,  # ReLoRA: fp32 until its callback keeps fp32 masters
+        # ReLoRA: fp32 until its callback keeps fp32 masters; a linear probe saves the whole
+        # model, whose frozen weights must stay as loaded
+        frozen_bf16=t.relora is None and t.method != "head",
     )
     padding_free = d.padding_free and task.padding_free and enable_lorafit_attention(model)
     return Prepared(
