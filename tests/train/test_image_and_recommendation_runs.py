@@ -152,3 +152,32 @@ def test_recommender_pretrained_in_full_then_adapted_with_lora(tmp_path):
     model, vocab = load_for_inference(None, str(lora.adapter_dir))
     (top,) = get_task("recommendation").infer(model, vocab, ["u3"], top_k=5)
     assert len(top.split()) == 5
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.task=causal-lm"], "cannot be built as AutoModelForCausalLM"),
+        (["model.name=new"], "model.name: new builds a fresh model, which trains in full"),
+        (["train.method=full", "model.name=new"], "not available for task image-classification"),
+        (["lora.target_modules=.*_depthwise_conv"], "depthwise"),
+    ],
+)
+def test_bad_image_runs_fail_in_one_line_and_write_no_run(
+    images, tmp_path, capsys, overrides, message
+):
+    from lorafit.cli.main import main
+
+    cnn, data = images
+    sets = [
+        f"model.name={cnn}",
+        "model.task=image-classification",
+        f"data.train={data}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=1",
+        *overrides,
+    ]
+    assert main(["train", *sum((["--set", s] for s in sets), [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "run" / "adapter").exists()

@@ -307,7 +307,15 @@ def _load_weights(
             f"{folder}: the model weights are not a readable safetensors file ({exc}); "
             "re-save or re-download the model"
         ) from None
-    model = streaming.build_empty(auto_class, config, dtype, attn_implementation)
+    try:
+        model = streaming.build_empty(auto_class, config, dtype, attn_implementation)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise ValueError(
+            f"{folder}: a {config.model_type} model cannot be built as "
+            f"{auto_class.__name__}; pick a model made for this task (model.task)"
+        ) from None
     heads = output_head_names(model) | {h for h in PEFT_SEQ_CLS_HEADS if hasattr(model, h)}
     missing = streaming.load_streaming(
         model,

@@ -142,7 +142,10 @@ def prepare(cfg: RunConfig, task: Task, weights_from: Path | None = None) -> Pre
     elif adapter is None:
         model.requires_grad_(True)
     else:
-        inject(model, _adapter_config(cfg, task, model), adapter)
+        try:
+            inject(model, _adapter_config(cfg, task, model), adapter)
+        except TypeError as exc:  # a targeted module LoRA cannot wrap: the config's fault
+            raise ValueError(f"lora.target_modules: {exc}") from None
     if weights_from is not None:
         _restore_weights(model, weights_from, adapter)
     precision = resolve_precision(t.precision, next(model.parameters()).device)
