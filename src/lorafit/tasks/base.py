@@ -67,8 +67,9 @@ class Task:
         return self.target_count(batch)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
-        """Mean loss over the batch's targets, with a graph for backward."""
-        raise NotImplementedError
+        """Mean loss over the batch's targets, with a graph for backward. Default: the loss the
+        model computes itself from the batch (its labels / ratings)."""
+        return model(**batch).loss
 
     @torch.no_grad()
     def evaluate(

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lorafit.data import label_set, resolve_image
 from lorafit.data.records import record_location
-from lorafit.tasks.base import Task, eval_batches, register_task
-from lorafit.tasks.classification import LABELS_FILE
+from lorafit.tasks.base import eval_batches, register_task
+from lorafit.tasks.classification import LABELS_FILE, Classification
 from lorafit.tasks.metrics import accuracy, macro_f1
-from lorafit.tuner.config import PEFT_SEQ_CLS_HEADS
 
 PREPROCESSING_FILE = "image_preprocessing.json"
 """Beside a trained image adapter or model: the size and normalisation its images had."""
@@ -39,13 +37,13 @@ def _open_image(image, where: str):
 
 
 @register_task
-class ImageClassification(Task):
+class ImageClassification(Classification):
+    """Classification's head, targets and metrics; images instead of text."""
+
     name = "image-classification"
     peft_task_type = None  # PEFT has no image task type: its image recipes leave it unset
     head = "image-classification"
-    metrics = {"loss": "minimize", "accuracy": "maximize", "macro_f1": "maximize"}
     marker_files = (PREPROCESSING_FILE, LABELS_FILE)
-    needs_labels_before_model = True
 
     def build_examples(self, records, processor, data, labels=None):
         if not records:
@@ -84,15 +82,6 @@ class ImageClassification(Task):
             }
 
         return collate
-
-    def trained_heads(self, model: nn.Module) -> list[str]:
-        return [n for n in PEFT_SEQ_CLS_HEADS if hasattr(model, n)]
-
-    def target_count(self, batch):
-        return int(batch["labels"].numel())
-
-    def loss(self, model, batch, chunk):
-        return model(**batch).loss
 
     @torch.no_grad()
     def predictions(self, model, examples, collator, batch_size=64, max_batches=None):

@@ -110,9 +110,6 @@ class Recommendation(Task):
     def target_count(self, batch):
         return int(batch["users"].numel())
 
-    def loss(self, model, batch, chunk):
-        return model(**batch).loss
-
     @torch.no_grad()
     def evaluate(self, model, examples, collator, batch_size=8, chunk=2048, max_batches=None):
         if not examples:
