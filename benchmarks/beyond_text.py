@@ -6,7 +6,8 @@
     recsys   MovieLens ml-latest-small, time split (examples/movielens_split.py): a matrix
              factorisation pretrained on the early 70% (examples/movielens_pretrain.yaml), then on
              the later period: frozen (no training), LoRA on both embedding tables, full
-             fine-tuning; scored on each user's last 20% of later ratings (later_test)
+             fine-tuning; scored on each user's last 20% of later ratings (later_test); the LoRA
+             and full rows are the mean (± std) of --seeds training seeds (default 3)
 
     python benchmarks/beyond_text.py                 # both (~25 min on an idle 2-core CPU)
     python benchmarks/beyond_text.py --tasks recsys  # one
@@ -63,8 +64,8 @@ def lorafit(*args: str) -> list[str]:
     return [sys.executable, "-m", "lorafit", *args]
 
 
-def train(recipe: str, out: Path, overrides: list[str]) -> dict:
-    folder = out / Path(recipe).stem
+def train(recipe: str, out: Path, overrides: list[str], name: str | None = None) -> dict:
+    folder = out / (name or Path(recipe).stem)
     sets = [f"train.output_dir={folder}", *overrides]
     res = run(
         lorafit("train", recipe, *sum((["--set", s] for s in sets), [])), out / f"{folder.name}.log"
@@ -133,7 +134,7 @@ def vision(out: Path, smoke: bool) -> list[dict]:
     return rows
 
 
-def recsys(out: Path, smoke: bool) -> list[dict]:
+def recsys(out: Path, smoke: bool, seeds: int) -> list[dict]:
     splits = out / "movielens"
     subprocess.run(
         [
@@ -173,28 +174,53 @@ def recsys(out: Path, smoke: bool) -> list[dict]:
     for key, label in RECSYS.items():
         recipe = f"examples/movielens_{'lora' if key == 'frozen' else key}.yaml"
         sets = [f"model.name={pretrained}", *data]
-        if key == "frozen":
-            r = {
-                "trainable": 0,
-                "file_mb": 0.0,
-                "train_s": 0.0,
-                "wall_s": 0.0,
-                "peak_rss_mb": 0.0,
-                "product": pretrained,
-            }
-        else:
-            r = train(recipe, out, sets + budget)
-        product = (
-            r["product"]
-            if key == "frozen" or smoke
-            else str(Path(r["folder"]) / ("best_adapter" if key == "lora" else "best_model"))
-        )
-        r.update(score(recipe, product, paths["later_test"], out, f"movielens_{key}", sets, False))
-        rows.append({"task": "recsys", "method": label, **r})
+        runs = []
+        for seed in [0] if key == "frozen" else range(seeds):
+            if key == "frozen":
+                r = {
+                    "trainable": 0,
+                    "file_mb": 0.0,
+                    "train_s": 0.0,
+                    "wall_s": 0.0,
+                    "peak_rss_mb": 0.0,
+                    "product": pretrained,
+                }
+            else:
+                name = f"movielens_{key}_seed{seed}"
+                r = train(recipe, out, [*sets, f"train.seed={seed}", *budget], name)
+            product = (
+                r["product"]
+                if key == "frozen" or smoke
+                else str(Path(r["folder"]) / ("best_adapter" if key == "lora" else "best_model"))
+            )
+            name = f"movielens_{key}" + ("" if key == "frozen" else f"_seed{seed}")
+            r.update(score(recipe, product, paths["later_test"], out, name, sets, False))
+            runs.append(r)
+        rows.append({"task": "recsys", "method": label, **mean_of(runs)})
     return rows
 
 
-def recovered(rows: list[dict], metric: str, lower_better: bool = False) -> float | None:
+def mean_of(runs: list[dict]) -> dict:
+    """The seeds' runs as one row: numbers averaged, each metric's per-seed values and std kept."""
+    row = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            values = [r[k] for r in runs]
+            row[k] = sum(values) / len(values)
+            if k in METRICS:
+                mean = row[k]
+                row[f"{k}_seeds"] = values
+                row[f"{k}_std"] = (
+                    sum((x - mean) ** 2 for x in values) / max(len(values) - 1, 1)
+                ) ** 0.5
+    row["seeds"] = len(runs)
+    return row
+
+
+METRICS = ("accuracy", "macro_f1", "rmse", "recall@10", "ndcg@10")
+
+
+def recovered(rows: list[dict], metric: str) -> float | None:
     by = {r["method"]: r for r in rows if r["task"] == "recsys"}
     f, lo, fu = (by.get(RECSYS[k], {}).get(metric) for k in ("frozen", "lora", "full"))
     if None in (f, lo, fu) or fu == f:
@@ -209,15 +235,15 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         metrics = ", ".join(
-            f"{k} {r[k]:.4f}"
-            for k in ("accuracy", "macro_f1", "rmse", "recall@10", "ndcg@10")
+            f"{k} {r[k]:.4f}" + (f" ± {r[k + '_std']:.4f}" if r.get("seeds", 1) > 1 else "")
+            for k in METRICS
             if k in r
         )
         if "pretraining" in r["method"]:
             metrics = "(scored below as the frozen row)"
         share = 100 * r["trainable"] / r["total"] if r.get("total") else 0.0
         lines.append(
-            f"| {r['task']} | {r['method']} | {r['trainable']:,} | {share:.1f}% | {r['file_mb']:.2f} MB | "
+            f"| {r['task']} | {r['method']} | {round(r['trainable']):,} | {share:.1f}% | {r['file_mb']:.2f} MB | "
             f"{r['train_s']:.0f} s | {r['peak_rss_mb']:,.0f} MB | {metrics} |"
         )
     notes = []
@@ -239,7 +265,7 @@ def plot(rows: list[dict], png: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     for ax, task, metric in ((axes[0], "vision", "accuracy"), (axes[1], "recsys", "ndcg@10")):
         data = [
-            (r["method"], r[metric], r["trainable"])
+            (r["method"], r[metric], round(r["trainable"]))
             for r in rows
             if r["task"] == task and metric in r
         ]
@@ -274,6 +300,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="vision,recsys")
     ap.add_argument("--out", default="runs/beyond_text")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="recsys: LoRA and full rows as the mean of this many seeds",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: checks the pipeline only")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -289,7 +321,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"missing data: {', '.join(missing)} (see ../shared/data/README.md)")
     rows = (vision(out, args.smoke) if "vision" in tasks else []) + (
-        recsys(out, args.smoke) if "recsys" in tasks else []
+        recsys(out, args.smoke, 1 if args.smoke else args.seeds) if "recsys" in tasks else []
     )
     md = table(rows)
     (out / "results.md").write_text(md + "\n")
