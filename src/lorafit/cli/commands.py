@@ -287,6 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_len,
         args.max_adapters,
         args.max_rank,
+        args.compile,
     )
     serve(
         registry,

@@ -272,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted")
     s.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens accepted")
     s.add_argument("--max-concurrent", type=int, default=64, help="in flight before 429")
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step (faster decoding; minutes of warm-up at start)",
+    )
     s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser(

@@ -1,5 +1,7 @@
 """`lorafit serve`: an OpenAI-compatible server for a base model and many adapters on it.
 
+decoder.py   the decoding step written out lean for Llama-family models (optionally compiled),
+             every row picking its adapter from stacked factors by a mask
 kv.py        the KV cache as slots, one per running request (the attention of every layer)
 engine.py    continuous batching: one decoding forward per step for every running request,
              each row with its own adapter and position
@@ -32,8 +34,10 @@ def build(
     max_len: int = 2048,
     max_adapters: int = 8,
     max_rank: int = 64,
+    compile: bool = False,
 ) -> Registry:
-    """Load the base (default: the first adapter's base), start the engine, load `adapters`."""
+    """Load the base (default: the first adapter's base), start the engine, load `adapters`.
+    With `compile`, the decoding step is compiled (and warmed up) before this returns."""
     from lorafit.infer.loading import base_of, load_for_inference, read_base_identity
     from lorafit.ops.attention import enable_lorafit_attention
     from lorafit.tuner import read_adapter
@@ -56,7 +60,7 @@ def build(
         )
     if tokenizer is None:
         raise ValueError(f"{model}: no tokenizer found; serving needs one")
-    engine = Engine(net, tokenizer, slots=slots, max_len=max_len)
+    engine = Engine(net, tokenizer, slots=slots, max_len=max_len, compile=compile)
     registry = Registry(engine, name or "default", adapter_dir, max_adapters, max_rank)
     try:
         for name, path in adapters.items():
@@ -69,6 +73,11 @@ def build(
     except BaseException:
         engine.close(drain=False)
         raise
+    if compile and engine.decoder is not None:
+        print("compiling the decoding step (one row, then several) ...", file=sys.stderr)
+        engine.call(engine.decoder.warm_up).result()
+    elif compile:
+        print(f"--compile ignored: {engine.lean_blocker}", file=sys.stderr)
     return registry
 
 

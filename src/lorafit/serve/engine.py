@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lorafit.serve.decoder import Decoder, unsupported
 from lorafit.serve.kv import Decode, KVSlots, Prefill
 from lorafit.tuner import adapter_rows
 
@@ -72,6 +73,7 @@ class Engine:
         tokenizer,
         slots: int = 16,
         max_len: int = 2048,
+        compile: bool = False,
     ):
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
@@ -80,6 +82,10 @@ class Engine:
         self.max_len = min(max_len, getattr(cfg, "max_position_embeddings", max_len) or max_len)
         self.cache = KVSlots(cfg, slots, self.max_len, p.dtype, p.device)
         self.slots = slots
+        # the lean decoding step where the model allows it (decoder.py), else transformers' forward
+        self._compile = compile
+        self.lean_blocker = unsupported(model)
+        self.decoder = None if self.lean_blocker else Decoder(model, self.cache, compile)
         ends = model.generation_config.eos_token_id if model.generation_config else None
         ends = ends if isinstance(ends, list) else [ends]
         self.end_ids = {t for t in [*ends, tokenizer.eos_token_id] if t is not None}
@@ -112,6 +118,16 @@ class Engine:
         self._controls.put((fn, future))
         self._wake.set()
         return future
+
+    def adapters_changed(self) -> None:
+        """Called on the engine thread after adapters were loaded or removed."""
+        self.lean_blocker = unsupported(self.model)
+        if self.lean_blocker:
+            self.decoder = None
+        elif self.decoder is None:
+            self.decoder = Decoder(self.model, self.cache, self._compile)
+        else:
+            self.decoder.refresh()
 
     def adapters_in_use(self) -> dict[str, int]:
         used: dict[str, int] = {}
@@ -190,6 +206,19 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self) -> None:
+        if self.decoder is not None:  # rows in slot order, each picks its adapter by a mask
+            rows = self._running
+            ids = torch.tensor([r.req.generated[-1] for r in rows], device=self.device)  # (S,)
+            positions = torch.tensor([r.position for r in rows], device=self.device)  # (S,)
+            logits = self.decoder.step(ids, positions, [r.req.adapter for r in rows])
+        else:
+            rows, logits = self._decode_forward()
+        self.steps += 1
+        for r in rows:
+            r.position += 1
+        self._accept(rows, self._sample(rows, logits))
+
+    def _decode_forward(self) -> tuple[list[_Running], torch.Tensor]:
         # The batch rows go sorted by adapter (running requests stay in slot order): each
         # layer then adds every adapter's update to one slice of rows, without gathering them.
         order = sorted(range(len(self._running)), key=lambda i: self._running[i].req.adapter)
@@ -207,10 +236,7 @@ class Engine:
                 use_cache=False,
                 logits_to_keep=1,
             ).logits[:, -1]  # (S, V)
-        self.steps += 1
-        for r in rows:
-            r.position += 1
-        self._accept(rows, self._sample(rows, logits))
+        return rows, logits
 
     def _sample(self, rows: list[_Running], logits: torch.Tensor) -> list[int]:
         tokens = logits.argmax(-1).tolist()

@@ -25,15 +25,18 @@ class KVSlots:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        shape = (config.num_hidden_layers, slots, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (slots, kv_heads, max_len, head_dim)
+        # one tensor per layer (not one 5-d tensor): a compiled step then writes each layer's
+        # new keys in place instead of copying a view's whole base (decoder.py)
+        layers = range(config.num_hidden_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.slots, self.max_len = slots, max_len
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` positions into slot `dst` (compaction)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :length] = buf[src, :, :length]
 
 
 def _attend(q, k, v, scaling, mask=None):
@@ -56,8 +59,8 @@ class Prefill:
 
     def attend(self, module: nn.Module, query, key, value, scaling, dropout=0.0):
         layer, n = module.layer_idx, key.shape[2]
-        self.cache.k[layer, self.slot, :, :n] = key[0]
-        self.cache.v[layer, self.slot, :, :n] = value[0]
+        self.cache.k[layer][self.slot, :, :n] = key[0]
+        self.cache.v[layer][self.slot, :, :n] = value[0]
         out = F.scaled_dot_product_attention(
             query,
             key,

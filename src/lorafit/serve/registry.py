@@ -117,6 +117,7 @@ class Registry:
             load_adapter(self.model, folder, name, activate=False)
         except (ValueError, KeyError, OSError) as exc:
             raise AdapterError(400, f"adapter {name!r} does not fit this base: {exc}") from None
+        self.engine.adapters_changed()
         now = time.monotonic()
         self.adapters[name] = {
             "path": folder,
@@ -136,6 +137,7 @@ class Registry:
                 f"adapter {name!r} is used by {busy} running request(s); retry when they finish",
             )
         delete_adapter(self.model, name)
+        self.engine.adapters_changed()
         del self.adapters[name]
 
     def _evict(self) -> None:

@@ -1,0 +1,227 @@
+"""The decoding step of a Llama-family model written out lean, every row with its own adapter.
+
+transformers' forward is general: per layer and per projection it goes through module calls,
+LoRA layers that look up the per-row adapter names, attention-interface dispatch and a cache
+object, about 900 small eager ops for one token of a 30-layer model. A decoding step needs far
+less: this module runs the same weights (the model's own modules, nothing copied) as one flat
+function of tensors, so `torch.compile` can fuse it (on CPU the element-wise ops become a few
+C++ kernels; the matmuls stay oneDNN / MKL calls).
+
+Every loaded adapter's factors are stacked per projection (`AdapterTable`):
+    A_cat (n * r, in)      B_cat (out, n * r)      n adapters, each padded to rank r, B scaled
+and each row picks its adapter with a 0/1 mask over the n blocks:
+    lora(x) = ((x @ A_cat^T) * mask) @ B_cat^T
+(Punica / S-LoRA's "compute all, keep the row's own"): two matmuls per projection whatever mix of
+adapters the batch holds, static shapes, no sorting or gathering of rows. Rows whose adapter does
+not touch a projection (or base rows) get zeros there. The n * r columns are few (4 adapters of
+r=16: 64), so the extra work is small next to the base matmul.
+
+Only what this function reproduces exactly is accepted (`unsupported` says why not otherwise):
+Llama / Mistral / Qwen2 layers (RMSNorm, rotary, grouped-query attention, SwiGLU), plain LoRA
+adapters on the seven projections (no DoRA, none on embeddings / head), no dynamic rope.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafit.serve.kv import KVSlots, _attend
+from lorafit.tuner.layer import LoraLayer
+
+FAMILIES = ("llama", "mistral", "qwen2")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _projections(layer: nn.Module) -> dict[str, nn.Module]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return {**{p: getattr(attn, p) for p in ATTENTION}, **{p: getattr(mlp, p) for p in MLP}}
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the lean step cannot run this model (None: it can)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in FAMILIES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {FAMILIES}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} (SwiGLU with silu only)"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    rotary = model.model.rotary_emb
+    if "dynamic" in str(getattr(rotary, "rope_type", "default")):
+        return f"rope type {rotary.rope_type!r} changes with the length"
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, ad in module.adapters.items():
+                if ad.variants:
+                    return f"adapter {name!r} uses {ad.variants[0].name} (plain LoRA only)"
+    for layer in model.model.layers:
+        for p, m in _projections(layer).items():
+            if type(_base(m)) is not nn.Linear:
+                return f"{p} is a {type(_base(m)).__name__} (a quantized base?), not nn.Linear"
+    wrapped = {id(m) for layer in model.model.layers for m in _projections(layer).values()}
+    for qual, module in model.named_modules():
+        if isinstance(module, LoraLayer) and module.adapters and id(module) not in wrapped:
+            return f"an adapter on {qual} (only the attention and MLP projections)"
+    return None
+
+
+class AdapterTable:
+    """The stacked factors of adapters `names` for every projection of every layer."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.names = list(names)
+        ranks = [
+            m.adapters[n].r
+            for layer in model.model.layers
+            for m in _projections(layer).values()
+            if isinstance(m, LoraLayer)
+            for n in self.names
+            if n in m.adapters
+        ]
+        self.rank = max(ranks, default=0)
+        self.factors: list[dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = []
+        n, r = len(self.names), self.rank
+        for layer in model.model.layers:
+            per: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+            for p, m in _projections(layer).items():
+                have = [
+                    k
+                    for k, a in enumerate(self.names)
+                    if isinstance(m, LoraLayer) and a in m.adapters
+                ]
+                if not have:
+                    per[p] = None
+                    continue
+                w = m.base_layer.weight
+                out_f, in_f = w.shape
+                A = torch.zeros(n * r, in_f, dtype=w.dtype, device=w.device)
+                B = torch.zeros(out_f, n * r, dtype=w.dtype, device=w.device)
+                for k in have:
+                    ad = m.adapters[self.names[k]]
+                    A[k * r : k * r + ad.r] = ad.A.detach().to(w.dtype)
+                    B[:, k * r : k * r + ad.r] = (ad.B.detach() * ad.scale).to(w.dtype)
+                per[p] = (A, B)
+            self.factors.append(per)
+
+    def mask(self, rows: list[str], dtype, device) -> torch.Tensor:
+        """(S, n * r): ones over each row's own adapter block."""
+        n, r = len(self.names), self.rank
+        m = torch.zeros(len(rows), n * r, dtype=dtype, device=device)
+        for i, name in enumerate(rows):
+            if name in self.names:
+                k = self.names.index(name)
+                m[i, k * r : (k + 1) * r] = 1
+        return m
+
+
+def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    # exactly transformers' LlamaRMSNorm
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _linear(x, base: nn.Module, lora, mask) -> torch.Tensor:
+    y = F.linear(x, base.weight, base.bias)
+    if lora is not None:
+        A, B = lora
+        y = y + F.linear(F.linear(x, A) * mask, B)
+    return y
+
+
+def decode_step(
+    model: nn.Module,
+    factors: list[dict],
+    ids: torch.Tensor,  # (S,)
+    positions: torch.Tensor,  # (S,)
+    mask: torch.Tensor,  # (S, n * r)
+    attend_mask: torch.Tensor,  # (S, 1, 1, L): True where row i may attend (L = longest + 1)
+    k_cache: list[torch.Tensor],  # per layer (slots, kv heads, max_len, head dim)
+    v_cache: list[torch.Tensor],
+) -> torch.Tensor:
+    """One new token for rows 0..S-1 (row i = cache slot i): writes their keys / values at their
+    positions and returns the logits (S, vocab)."""
+    cfg = model.config
+    body = model.model
+    S, L = ids.shape[0], attend_mask.shape[-1]
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    h = body.embed_tokens(ids)  # (S, hidden)
+    cos, sin = body.rotary_emb(h, positions[None])  # (1, S, d)
+    cos, sin = cos[0][:, None], sin[0][:, None]  # (S, 1, d)
+    slots = torch.arange(S, device=ids.device)
+    for i, layer in enumerate(body.layers):
+        lora = factors[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        x = _rms(h, layer.input_layernorm)
+        q = _linear(x, _base(attn.q_proj), lora["q_proj"], mask).view(S, heads, head_dim)
+        k = _linear(x, _base(attn.k_proj), lora["k_proj"], mask).view(S, kv_heads, head_dim)
+        v = _linear(x, _base(attn.v_proj), lora["v_proj"], mask).view(S, kv_heads, head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_cache[i][slots, :, positions] = k
+        v_cache[i][slots, :, positions] = v
+        out = _attend(
+            q[:, :, None],
+            k_cache[i][:S, :, :L],
+            v_cache[i][:S, :, :L],
+            attn.scaling,
+            attend_mask,
+        )  # (S, 1, H, d)
+        h = h + _linear(out.reshape(S, heads * head_dim), _base(attn.o_proj), lora["o_proj"], mask)
+        x = _rms(h, layer.post_attention_layernorm)
+        gate = _linear(x, _base(mlp.gate_proj), lora["gate_proj"], mask)
+        up = _linear(x, _base(mlp.up_proj), lora["up_proj"], mask)
+        h = h + _linear(F.silu(gate) * up, _base(mlp.down_proj), lora["down_proj"], mask)
+    return model.lm_head(_rms(h, body.norm))  # (S, vocab)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+class Decoder:
+    """The engine's decoding step: `step(ids, positions, adapters)` -> logits (S, vocab), rows in
+    cache-slot order. `refresh()` after adapters are loaded or unloaded. With `compile`, the step
+    runs through `torch.compile` (dynamic batch and length: one compiled graph, plus one for a
+    single row, which torch specialises)."""
+
+    def __init__(self, model: nn.Module, cache: KVSlots, compile: bool = False):
+        self.model, self.cache = model, cache
+        self.compiled = compile
+        self._fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        self.refresh()
+
+    def refresh(self) -> None:
+        names = sorted(
+            {n for m in self.model.modules() if isinstance(m, LoraLayer) for n in m.adapters}
+        )
+        self.table = AdapterTable(self.model, names)
+
+    def warm_up(self) -> None:
+        """Compile both graphs now (one row; several rows) rather than on the first requests.
+        Writes only position 0 of slots 0 and 1, which a prefill overwrites before use."""
+        for rows in (1, 2) if self.cache.slots >= 2 else (1,):
+            device = self.cache.k[0].device
+            zeros = torch.zeros(rows, dtype=torch.long, device=device)
+            self.step(zeros, zeros, ["__base__"] * rows)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        p = self.cache.k[0]
+        mask = self.table.mask(adapters, p.dtype, p.device)
+        longest = int(positions.max()) + 1
+        span = torch.arange(longest, device=positions.device)
+        attend = (span[None, :] <= positions[:, None])[:, None, None, :]
+        return self._fn(
+            self.model, self.table.factors, ids, positions, mask, attend, self.cache.k, self.cache.v
+        )

@@ -1,0 +1,129 @@
+"""The lean decoding step computes what transformers' forward computes with per-row adapters."""
+
+import pytest
+import torch
+
+from helpers import randomize_adapters, tiny_gpt2, tiny_llama
+from lorafit import LoraConfig, inject
+from lorafit.ops.attention import enable_lorafit_attention
+from lorafit.serve.decoder import Decoder, unsupported
+from lorafit.serve.kv import Decode, KVSlots, Prefill
+from lorafit.tuner import adapter_rows
+
+
+def _model(tie=False):
+    model = tiny_llama(seed=0, tie=tie).eval()
+    # two adapters of different ranks, one of them not on every projection
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), "alpha")
+    inject(model, LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "down_proj"]), "beta")
+    randomize_adapters(model, seed=1, scale=0.5)
+    assert enable_lorafit_attention(model)
+    return model
+
+
+def _prefilled(model, lengths, adapters):
+    cache = KVSlots(model.config, 4, 32, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    for slot, (n, name) in enumerate(zip(lengths, adapters)):
+        ids = torch.randint(0, 96, (1, n), generator=g)
+        with torch.no_grad(), adapter_rows([name], model):
+            model(
+                input_ids=ids,
+                position_ids=torch.arange(n)[None],
+                lorafit_attention=Prefill(cache, slot),
+                use_cache=False,
+            )
+    return cache
+
+
+def _reference(model, cache, ids, positions, adapters):
+    with torch.no_grad(), adapter_rows(adapters, model):
+        return model(
+            input_ids=ids[:, None],
+            position_ids=positions[:, None],
+            lorafit_attention=Decode(cache, positions),
+            use_cache=False,
+        ).logits[:, -1]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_mixed_step_equals_the_model_forward_with_per_row_adapters(tie):
+    model = _model(tie)
+    adapters = ["alpha", "__base__", "beta", "alpha"]
+    lengths = [5, 9, 3, 7]
+    ref_cache, lean_cache = (_prefilled(model, lengths, adapters) for _ in range(2))
+    ids, positions = torch.tensor([3, 17, 40, 95]), torch.tensor(lengths)
+    want = _reference(model, ref_cache, ids, positions, adapters)
+    got = Decoder(model, lean_cache).step(ids, positions, adapters)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.stack(lean_cache.k), torch.stack(ref_cache.k), atol=1e-6, rtol=1e-6
+    )
+    torch.testing.assert_close(
+        torch.stack(lean_cache.v), torch.stack(ref_cache.v), atol=1e-6, rtol=1e-6
+    )
+    # the adapters matter: a base-only step differs on the adapter rows, not on the base row
+    base = Decoder(model, _prefilled(model, lengths, ["__base__"] * 4)).step(
+        ids, positions, ["__base__"] * 4
+    )
+    assert (base[0] - got[0]).abs().max() > 1e-3
+    assert (base[2] - got[2]).abs().max() > 1e-3
+
+
+def test_refresh_follows_adapters_loaded_and_removed():
+    from lorafit.tuner import delete_adapter
+
+    model = _model()
+    cache = _prefilled(model, [4], ["beta"])
+    dec = Decoder(model, cache)
+    assert dec.table.names == ["alpha", "beta"] and dec.table.rank == 4
+    delete_adapter(model, "alpha")
+    dec.refresh()
+    assert dec.table.names == ["beta"] and dec.table.rank == 2
+    ids, pos = torch.tensor([5]), torch.tensor([4])
+    want = _reference(model, _prefilled(model, [4], ["beta"]), ids, pos, ["beta"])
+    torch.testing.assert_close(dec.step(ids, pos, ["beta"]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_step_equals_the_eager_one():
+    model = _model()
+    adapters = ["beta", "alpha", "__base__"]
+    lengths = [6, 2, 8]
+    eager_cache, compiled_cache = (_prefilled(model, lengths, adapters) for _ in range(2))
+    eager, compiled = Decoder(model, eager_cache), Decoder(model, compiled_cache, compile=True)
+    ids, positions = torch.tensor([1, 2, 3]), torch.tensor(lengths)
+    for step in range(3):  # the length grows: the same compiled graph (dynamic shapes)
+        want = eager.step(ids, positions + step, adapters)
+        got = compiled.step(ids, positions + step, adapters)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        ids = want.argmax(-1)
+    torch.testing.assert_close(
+        torch.stack(compiled_cache.k), torch.stack(eager_cache.k), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_what_the_lean_step_cannot_run_is_named():
+    gpt2 = tiny_gpt2()
+    assert "gpt2" in unsupported(gpt2)
+    model = tiny_llama()
+    inject(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "d")
+    assert "DoRA" in unsupported(model) or "dora" in unsupported(model).lower()
+    plain = tiny_llama()
+    assert unsupported(plain) is None
+    inject(plain, LoraConfig(r=4, target_modules=["lm_head"]), "h")
+    assert "lm_head" in unsupported(plain)
+
+
+def test_the_engine_decodes_with_the_lean_step_and_falls_back_with_the_reason():
+    from helpers import chat_tokenizer
+    from lorafit.serve.engine import Engine
+
+    model = _model()
+    engine = Engine(model, chat_tokenizer(), slots=2, max_len=32)
+    try:
+        assert engine.decoder is not None and engine.lean_blocker is None
+        inject(model, LoraConfig(r=2, target_modules=["v_proj"], use_dora=True), "dora")
+        engine.adapters_changed()
+        assert engine.decoder is None and "dora" in engine.lean_blocker.lower()
+    finally:
+        engine.close(drain=False)
