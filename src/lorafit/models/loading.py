@@ -39,7 +39,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def register_architectures() -> None:
     """Make lorafit's own model classes (vision.py, recommender.py) known to transformers' Auto
     classes, so their folders load like any other."""
-    from lorafit.models import recommender, vision
+    import lorafit.models.recommender as recommender
+    import lorafit.models.vision as vision
 
     PROCESSORS.setdefault(vision.EfficientNetLiteConfig.model_type, vision.image_processor)
     PROCESSORS.setdefault(recommender.RecommenderConfig.model_type, recommender.IdVocabulary.of)
