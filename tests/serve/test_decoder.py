@@ -127,3 +127,102 @@ def test_the_engine_decodes_with_the_lean_step_and_falls_back_with_the_reason():
         assert engine.decoder is None and "dora" in engine.lean_blocker.lower()
     finally:
         engine.close(drain=False)
+
+
+# ------------------------------------------------------------ 4-bit decode weights (int4) --
+def _bases(model):
+    from lorafit.serve.decoder import _base, _projections
+
+    return [{p: _base(m) for p, m in _projections(layer).items()} for layer in model.model.layers]
+
+
+def test_int4_weights_are_each_weight_to_within_half_a_4bit_step():
+    """Int4Weights.linear(I) reads back the quantized matrix: every weight within half of its
+    32-input group's step (max - min) / 15, plus bf16 rounding of the scale and offset."""
+    from lorafit.serve.weights import GROUP, Int4Weights
+
+    model = tiny_llama(seed=3)
+    weights = Int4Weights(model, _bases(model))
+    for name, m in _bases(model)[1].items():
+        w = m.weight.detach()  # (out, in)
+        got = weights.linear(torch.eye(w.shape[1]), 1, name).T  # (out, in)
+        groups = w.reshape(w.shape[0], -1, GROUP)
+        step = (groups.amax(-1) - groups.amin(-1)) / 15  # (out, in / GROUP)
+        bound = (step / 2 + 0.01 * groups.abs().amax(-1)).repeat_interleave(GROUP, 1)
+        err = (got - w).abs()
+        assert (err <= bound).all(), f"{name}: {(err - bound).max()}"
+        assert err.max() > 0  # really 4-bit: not the float weights
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        want = model.lm_head(x)  # the 8-bit head: within 1% of the largest output
+    torch.testing.assert_close(weights.head(x), want, atol=0.01 * want.abs().max(), rtol=0)
+
+
+def test_int4_step_computes_the_model_with_its_weights_rounded_to_4_bits():
+    """The int4 step equals the float step of a copy of the model whose projections (and head)
+    hold the 4-bit (8-bit) weights read back, up to bf16 activations; per-row adapters kept."""
+    import copy
+
+    from lorafit.serve.weights import Int4Weights
+
+    model = _model()
+    adapters = ["alpha", "__base__", "beta", "alpha"]
+    lengths = [5, 9, 3, 7]
+    ids, positions = torch.tensor([3, 17, 40, 95]), torch.tensor(lengths)
+    rounded = copy.deepcopy(model)
+    weights = Int4Weights(model, _bases(model))
+    with torch.no_grad():
+        for i, per in enumerate(_bases(rounded)):
+            for name, m in per.items():
+                m.weight.copy_(weights.linear(torch.eye(m.in_features), i, name).T)
+        rounded.lm_head.weight.copy_(weights.head(torch.eye(32)).T)
+    cache = _prefilled(model, lengths, adapters)
+    want = Decoder(rounded, cache).step(ids, positions, adapters)
+    int4 = Decoder(model, _prefilled(model, lengths, adapters), weights="int4")
+    got = int4.step(ids, positions, adapters)
+    torch.testing.assert_close(got, want, atol=0.01 * want.abs().max(), rtol=0)
+    exact = Decoder(model, _prefilled(model, lengths, adapters)).step(ids, positions, adapters)
+    assert (got - exact).abs().max() > 3 * (got - want).abs().max()  # really the 4-bit weights
+    # alone vs in a mixed batch: the same logits for a row, up to the bf16 rounding of the
+    # kernel's outputs (its blocking depends on the number of rows)
+    alone = Decoder(model, _prefilled(model, lengths, adapters), weights="int4")
+    one = alone.step(ids[:1], positions[:1], adapters[:1])  # slot 0 decoded by itself
+    torch.testing.assert_close(one[0], got[0], atol=0.005 * got.abs().max(), rtol=0)  # bf16
+    base = int4.step(ids, positions + 1, ["__base__"] * 4)  # adapters still matter in int4
+    assert (base[0] - int4.step(ids, positions + 1, adapters)[0]).abs().max() > 1e-3
+
+
+def test_int4_compiled_step_equals_the_eager_one():
+    model = _model()
+    adapters, lengths = ["beta", "alpha"], [6, 2]
+    eager = Decoder(model, _prefilled(model, lengths, adapters), weights="int4")
+    compiled = Decoder(model, _prefilled(model, lengths, adapters), compile=True, weights="int4")
+    ids, positions = torch.tensor([1, 2]), torch.tensor(lengths)
+    for step in range(2):
+        want = eager.step(ids, positions + step, adapters)
+        torch.testing.assert_close(
+            compiled.step(ids, positions + step, adapters), want, atol=1e-3, rtol=1e-3
+        )
+        ids = want.argmax(-1)
+
+
+def test_int4_is_refused_where_only_the_float_path_could_decode():
+    from helpers import chat_tokenizer
+    from lorafit.serve.engine import Engine
+
+    with pytest.raises(ValueError, match="decode-weights int4 needs the lean decoding step.*gpt2"):
+        Engine(tiny_gpt2(), chat_tokenizer(), slots=1, max_len=16, weights="int4")
+    odd = tiny_llama()
+    odd.lm_head = torch.nn.Sequential(odd.lm_head)
+    with pytest.raises(ValueError, match="plain linear output head.*Sequential"):
+        Decoder(odd, KVSlots(odd.config, 1, 8, torch.float32, "cpu"), weights="int4")
+    with pytest.raises(ValueError, match="unknown decode weights 'int3'; choose float, int4"):
+        Decoder(tiny_llama(), KVSlots(odd.config, 1, 8, torch.float32, "cpu"), weights="int3")
+    model = _model()
+    engine = Engine(model, chat_tokenizer(), slots=2, max_len=32, weights="int4")
+    try:
+        inject(model, LoraConfig(r=2, target_modules=["v_proj"], use_dora=True), "dora")
+        with pytest.raises(ValueError, match="int4 needs the lean decoding step.*dora"):
+            engine.adapters_changed()
+    finally:
+        engine.close(drain=False)

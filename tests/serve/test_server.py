@@ -8,11 +8,13 @@ import time
 import pytest
 
 from helpers import SERVE_KEY, SERVE_SYSTEM, ServerThread
+from lorafit import LoraConfig, inject, save_adapter
+from lorafit.cli.main import main
 from lorafit.models import load_model
-from lorafit.serve import build
+from lorafit.serve import AdapterError, build
 from lorafit.serve.app import create_app
 from lorafit.tasks.causal_lm import generate
-from lorafit.tuner import load_adapter, merge
+from lorafit.tuner import LoraLayer, load_adapter, merge
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -334,3 +336,51 @@ def test_too_many_requests_in_flight_get_429(files):
         first.join(30)
     finally:
         srv.stop()
+
+
+def test_int4_decode_weights_answer_as_lorafit_generate_does(serve_registry, files, capsys):
+    """`lorafit serve --decode-weights int4` and `lorafit generate --decode-weights int4` decode a
+    lone request the same way (the engine's lean step with 4-bit projections): equal text."""
+    srv = _Server(serve_registry(decode_weights="int4"), api_key=KEY)
+    try:
+        out = srv.client().chat.completions.create(
+            model="alpha", messages=MESSAGES, max_tokens=12, temperature=0
+        )
+    finally:
+        srv.stop()
+    served = out.choices[0].message.content.strip()
+    assert served and out.usage.completion_tokens >= 1
+    argv = ["generate", "--model", str(files["base"]), "--adapter", str(files["alpha"])]
+    argv += ["--prompt", MESSAGES[0]["content"], "--max-new-tokens", "12", "--device", "cpu"]
+    argv += ["--dtype", "float32", "--decode-weights", "int4"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == f"### {MESSAGES[0]['content']}\n{served}\n\n"
+
+
+def test_int4_server_refuses_an_adapter_it_cannot_decode_and_keeps_the_rest(
+    serve_registry, files, tmp_path
+):
+    base, _ = load_model(str(files["base"]), device="cpu")
+    inject(base, LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
+    save_adapter(base, tmp_path / "dora")
+    registry = serve_registry(decode_weights="int4")
+    try:
+        with pytest.raises(AdapterError, match="'dora'.*int4 needs the lean decoding step"):
+            registry.engine.call(
+                lambda: registry.load("dora", str(tmp_path / "dora"), True)
+            ).result()
+        assert "dora" not in registry.adapters
+        names = {
+            n for m in registry.model.modules() if isinstance(m, LoraLayer) for n in m.adapters
+        }
+        assert names == {"alpha", "beta"} and registry.engine.decoder is not None
+    finally:
+        registry.engine.close(drain=False)
+
+
+def test_generate_with_decode_weights_refuses_what_the_engine_does_not_do(files, capsys):
+    base = ["generate", "--model", str(files["base"]), "--decode-weights", "int4"]
+    assert main(base) == 2  # no --prompt: the interactive chat decodes in float
+    assert "--prompt" in capsys.readouterr().err
+    assert main([*base, "--prompt", "hi", "--num-beams", "2"]) == 2
+    assert "beam" in capsys.readouterr().err

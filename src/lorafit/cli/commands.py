@@ -86,6 +86,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lorafit.infer import chat, load_for_inference
     from lorafit.tasks import get_task
 
+    if args.decode_weights != "float":
+        return _generate_with_engine(args)
+
     model, tokenizer = load_for_inference(args.model, args.adapter, args.device, args.dtype)
     task = get_task(model.lorafit_task)
     if not task.generative:  # e.g. classification: one output per input line
@@ -105,6 +108,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_beams=args.num_beams,
         system=args.system,
     )
+    for prompt, reply in zip(args.prompt, replies):
+        print(f"### {prompt}\n{reply}\n")
+    return 0
+
+
+def _generate_with_engine(args: argparse.Namespace) -> int:
+    """`lorafit generate --decode-weights ...`: the prompts go through lorafit serve's engine
+    (unmerged adapter, the lean decoding step), so the replies are what the server answers."""
+    from lorafit.serve import build, complete
+
+    if not args.prompt:
+        raise ValueError(f"--decode-weights {args.decode_weights} answers --prompt prompts only")
+    if args.num_beams != 1:
+        raise ValueError(f"--decode-weights {args.decode_weights} decodes without beam search")
+    adapters = {"adapter": args.adapter} if args.adapter else {}
+    registry = build(
+        args.model,
+        adapters,
+        device=args.device,
+        dtype=args.dtype,
+        slots=min(len(args.prompt), 16),
+        decode_weights=args.decode_weights,
+    )
+    try:
+        name = "adapter" if args.adapter else registry.base_name
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        chats = [[*system, {"role": "user", "content": p}] for p in args.prompt]
+        replies = complete(registry, name, chats, args.max_new_tokens, args.temperature)
+    finally:
+        registry.engine.close(drain=False)
     for prompt, reply in zip(args.prompt, replies):
         print(f"### {prompt}\n{reply}\n")
     return 0
@@ -288,6 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_adapters,
         args.max_rank,
         args.compile,
+        args.decode_weights,
     )
     serve(
         registry,

@@ -14,12 +14,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 from lorafit.serve.engine import Engine, Request
 from lorafit.serve.registry import AdapterError, Registry
 
-__all__ = ["AdapterError", "Engine", "Registry", "Request", "build", "serve"]
+__all__ = ["AdapterError", "Engine", "Registry", "Request", "build", "complete", "serve"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -35,9 +36,11 @@ def build(
     max_adapters: int = 8,
     max_rank: int = 64,
     compile: bool = False,
+    decode_weights: str = "float",
 ) -> Registry:
     """Load the base (default: the first adapter's base), start the engine, load `adapters`.
-    With `compile`, the decoding step is compiled (and warmed up) before this returns."""
+    With `compile`, the decoding step is compiled (and warmed up) before this returns;
+    `decode_weights` "int4" decodes with 4-bit copies of the projections (serve/weights.py)."""
     from lorafit.infer.loading import base_of, load_for_inference, read_base_identity
     from lorafit.ops.attention import enable_lorafit_attention
     from lorafit.tuner import read_adapter
@@ -60,7 +63,9 @@ def build(
         )
     if tokenizer is None:
         raise ValueError(f"{model}: no tokenizer found; serving needs one")
-    engine = Engine(net, tokenizer, slots=slots, max_len=max_len, compile=compile)
+    engine = Engine(
+        net, tokenizer, slots=slots, max_len=max_len, compile=compile, weights=decode_weights
+    )
     registry = Registry(engine, name or "default", adapter_dir, max_adapters, max_rank)
     try:
         for name, path in adapters.items():
@@ -79,6 +84,39 @@ def build(
     elif compile:
         print(f"--compile ignored: {engine.lean_blocker}", file=sys.stderr)
     return registry
+
+
+def complete(
+    registry: Registry,
+    model: str,
+    conversations: list[list[dict]],
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> list[str]:
+    """Answer each conversation with `model` (the base's or an adapter's name) through the
+    engine, all submitted at once and decoded together as a server would; replies in order.
+    `lorafit generate --decode-weights` answers its prompts this way."""
+    adapter = registry.resolve(model)
+    replies: list[Future] = []
+    for messages in conversations:
+        reply: Future = Future()
+        parts: list[str] = []
+
+        def emit(event, parts=parts, reply=reply):
+            kind, value = event
+            if kind == "text":
+                parts.append(value)
+            elif kind == "done":
+                reply.set_result("".join(parts).strip())
+            else:
+                reply.set_exception(RuntimeError(value))
+
+        prompt = registry.render(adapter, messages)
+        request = Request(prompt, adapter, emit, max_tokens, temperature, seed=seed)
+        registry.engine.submit(request)
+        replies.append(reply)
+    return [r.result() for r in replies]
 
 
 def check_binding(host: str, api_key: str | None) -> str:

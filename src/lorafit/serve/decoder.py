@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafit.serve.kv import KVSlots, _attend
+from lorafit.serve.weights import WEIGHTS
+from lorafit.tuner.kinds import kind_of
 from lorafit.tuner.layer import LoraLayer
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -59,7 +61,8 @@ def unsupported(model: nn.Module) -> str | None:
                     return f"adapter {name!r} uses {ad.variants[0].name} (plain LoRA only)"
     for layer in model.model.layers:
         for p, m in _projections(layer).items():
-            if type(_base(m)) is not nn.Linear:
+            kind = kind_of(_base(m))
+            if kind is None or not kind.plain_linear:
                 return f"{p} is a {type(_base(m)).__name__} (a quantized base?), not nn.Linear"
     wrapped = {id(m) for layer in model.model.layers for m in _projections(layer).values()}
     for qual, module in model.named_modules():
@@ -129,8 +132,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _linear(x, base: nn.Module, lora, mask) -> torch.Tensor:
-    y = F.linear(x, base.weight, base.bias)
+def _linear(x, weights, layer: int, name: str, lora, mask) -> torch.Tensor:
+    y = weights.linear(x, layer, name)
     if lora is not None:
         A, B = lora
         y = y + F.linear(F.linear(x, A) * mask, B)
@@ -139,6 +142,7 @@ def _linear(x, base: nn.Module, lora, mask) -> torch.Tensor:
 
 def decode_step(
     model: nn.Module,
+    weights,  # FloatWeights | Int4Weights: the base projections and head (weights.py)
     factors: list[dict],
     ids: torch.Tensor,  # (S,)
     positions: torch.Tensor,  # (S,)
@@ -161,11 +165,11 @@ def decode_step(
     slots = torch.arange(S, device=ids.device)
     for i, layer in enumerate(body.layers):
         lora = factors[i]
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         x = _rms(h, layer.input_layernorm)
-        q = _linear(x, _base(attn.q_proj), lora["q_proj"], mask).view(S, heads, head_dim)
-        k = _linear(x, _base(attn.k_proj), lora["k_proj"], mask).view(S, kv_heads, head_dim)
-        v = _linear(x, _base(attn.v_proj), lora["v_proj"], mask).view(S, kv_heads, head_dim)
+        q = _linear(x, weights, i, "q_proj", lora["q_proj"], mask).view(S, heads, head_dim)
+        k = _linear(x, weights, i, "k_proj", lora["k_proj"], mask).view(S, kv_heads, head_dim)
+        v = _linear(x, weights, i, "v_proj", lora["v_proj"], mask).view(S, kv_heads, head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         k_cache[i][slots, :, positions] = k
@@ -177,12 +181,14 @@ def decode_step(
             attn.scaling,
             attend_mask,
         )  # (S, 1, H, d)
-        h = h + _linear(out.reshape(S, heads * head_dim), _base(attn.o_proj), lora["o_proj"], mask)
+        h = h + _linear(
+            out.reshape(S, heads * head_dim), weights, i, "o_proj", lora["o_proj"], mask
+        )
         x = _rms(h, layer.post_attention_layernorm)
-        gate = _linear(x, _base(mlp.gate_proj), lora["gate_proj"], mask)
-        up = _linear(x, _base(mlp.up_proj), lora["up_proj"], mask)
-        h = h + _linear(F.silu(gate) * up, _base(mlp.down_proj), lora["down_proj"], mask)
-    return model.lm_head(_rms(h, body.norm))  # (S, vocab)
+        gate = _linear(x, weights, i, "gate_proj", lora["gate_proj"], mask)
+        up = _linear(x, weights, i, "up_proj", lora["up_proj"], mask)
+        h = h + _linear(F.silu(gate) * up, weights, i, "down_proj", lora["down_proj"], mask)
+    return weights.head(_rms(h, body.norm))  # (S, vocab)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -195,9 +201,17 @@ class Decoder:
     runs through `torch.compile` (dynamic batch and length: one compiled graph, plus one for a
     single row, which torch specialises)."""
 
-    def __init__(self, model: nn.Module, cache: KVSlots, compile: bool = False):
+    def __init__(
+        self, model: nn.Module, cache: KVSlots, compile: bool = False, weights: str = "float"
+    ):
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown decode weights {weights!r}; choose {', '.join(WEIGHTS)}")
         self.model, self.cache = model, cache
         self.compiled = compile
+        bases = [
+            {p: _base(m) for p, m in _projections(layer).items()} for layer in model.model.layers
+        ]
+        self.weights = WEIGHTS[weights](model, bases)
         self._fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
         self.refresh()
 
@@ -223,5 +237,13 @@ class Decoder:
         span = torch.arange(longest, device=positions.device)
         attend = (span[None, :] <= positions[:, None])[:, None, None, :]
         return self._fn(
-            self.model, self.table.factors, ids, positions, mask, attend, self.cache.k, self.cache.v
+            self.model,
+            self.weights,
+            self.table.factors,
+            ids,
+            positions,
+            mask,
+            attend,
+            self.cache.k,
+            self.cache.v,
         )

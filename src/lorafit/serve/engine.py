@@ -74,6 +74,7 @@ class Engine:
         slots: int = 16,
         max_len: int = 2048,
         compile: bool = False,
+        weights: str = "float",
     ):
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
@@ -83,9 +84,11 @@ class Engine:
         self.cache = KVSlots(cfg, slots, self.max_len, p.dtype, p.device)
         self.slots = slots
         # the lean decoding step where the model allows it (decoder.py), else transformers' forward
-        self._compile = compile
+        # (4-bit decode weights exist only in the lean step: a model it cannot run is refused)
+        self._compile, self.weights = compile, weights
         self.lean_blocker = unsupported(model)
-        self.decoder = None if self.lean_blocker else Decoder(model, self.cache, compile)
+        self._check_weights()
+        self.decoder = None if self.lean_blocker else Decoder(model, self.cache, compile, weights)
         ends = model.generation_config.eos_token_id if model.generation_config else None
         ends = ends if isinstance(ends, list) else [ends]
         self.end_ids = {t for t in [*ends, tokenizer.eos_token_id] if t is not None}
@@ -120,14 +123,23 @@ class Engine:
         return future
 
     def adapters_changed(self) -> None:
-        """Called on the engine thread after adapters were loaded or removed."""
+        """Called on the engine thread after adapters were loaded or removed. ValueError: the
+        decode weights cannot serve the model as it is now (the caller undoes its change)."""
         self.lean_blocker = unsupported(self.model)
+        self._check_weights()
         if self.lean_blocker:
             self.decoder = None
         elif self.decoder is None:
-            self.decoder = Decoder(self.model, self.cache, self._compile)
+            self.decoder = Decoder(self.model, self.cache, self._compile, self.weights)
         else:
             self.decoder.refresh()
+
+    def _check_weights(self) -> None:
+        if self.lean_blocker and self.weights != "float":
+            raise ValueError(
+                f"--decode-weights {self.weights} needs the lean decoding step, which cannot "
+                f"run this: {self.lean_blocker}"
+            )
 
     def adapters_in_use(self) -> dict[str, int]:
         used: dict[str, int] = {}

@@ -117,7 +117,12 @@ class Registry:
             load_adapter(self.model, folder, name, activate=False)
         except (ValueError, KeyError, OSError) as exc:
             raise AdapterError(400, f"adapter {name!r} does not fit this base: {exc}") from None
-        self.engine.adapters_changed()
+        try:
+            self.engine.adapters_changed()
+        except ValueError as exc:  # e.g. a DoRA adapter where only the lean step can decode
+            delete_adapter(self.model, name)
+            self.engine.adapters_changed()
+            raise AdapterError(400, f"adapter {name!r}: {exc}") from None
         now = time.monotonic()
         self.adapters[name] = {
             "path": folder,

@@ -47,6 +47,9 @@ class LayerKind(Registered):
     """The weight is one dense (out, in) matrix that an SVD-based init (PiSSA) may re-express."""
     quantized: bool = False
     """The weight is stored quantized: readable (dequantized), never written in place."""
+    plain_linear: bool = False
+    """The module computes exactly F.linear(x, module.weight, module.bias) with its stored
+    (out, in) weight, so other code may run it that way (serve's lean decoding step)."""
     peft_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
     """PEFT's tensor-name suffixes for A and B after `<module path>.`."""
 

@@ -16,6 +16,7 @@ class LinearKind(LayerKind):
     all_linear = True
     gguf_lora = True
     svd_init = True
+    plain_linear = True
 
     def fan_dims(self, module: nn.Linear) -> tuple[int, int]:
         return module.in_features, module.out_features
