@@ -139,12 +139,13 @@ def _bases(model):
 def test_int4_weights_are_each_weight_to_within_half_a_4bit_step():
     """Int4Weights.linear(I) reads back the quantized matrix: every weight within half of its
     32-input group's step (max - min) / 15, plus bf16 rounding of the scale and offset."""
-    from lorafit.serve.weights import GROUP, Int4Weights
+    from lorafit.serve.weights import FUSED, GROUP, Int4Weights
 
     model = tiny_llama(seed=3)
     weights = Int4Weights(model, _bases(model))
-    for name, m in _bases(model)[1].items():
-        w = m.weight.detach()  # (out, in)
+    layer = _bases(model)[1]
+    for name in ("qkv", "o_proj", "gate_up", "down_proj"):
+        w = torch.cat([layer[p].weight.detach() for p in FUSED.get(name, (name,))])  # (out, in)
         got = weights.linear(torch.eye(w.shape[1]), 1, name).T  # (out, in)
         groups = w.reshape(w.shape[0], -1, GROUP)
         step = (groups.amax(-1) - groups.amin(-1)) / 15  # (out, in / GROUP)
@@ -158,24 +159,36 @@ def test_int4_weights_are_each_weight_to_within_half_a_4bit_step():
     torch.testing.assert_close(weights.head(x), want, atol=0.01 * want.abs().max(), rtol=0)
 
 
-def test_int4_step_computes_the_model_with_its_weights_rounded_to_4_bits():
-    """The int4 step equals the float step of a copy of the model whose projections (and head)
-    hold the 4-bit (8-bit) weights read back, up to bf16 activations; per-row adapters kept."""
+def _rounded_copy(model):
+    """A copy of `model` whose projections and head hold what Int4Weights multiplies by (read
+    back through it with identity inputs, biases subtracted)."""
     import copy
 
-    from lorafit.serve.weights import Int4Weights
+    from lorafit.serve.weights import FUSED, Int4Weights
 
-    model = _model()
-    adapters = ["alpha", "__base__", "beta", "alpha"]
-    lengths = [5, 9, 3, 7]
-    ids, positions = torch.tensor([3, 17, 40, 95]), torch.tensor(lengths)
     rounded = copy.deepcopy(model)
     weights = Int4Weights(model, _bases(model))
     with torch.no_grad():
         for i, per in enumerate(_bases(rounded)):
-            for name, m in per.items():
-                m.weight.copy_(weights.linear(torch.eye(m.in_features), i, name).T)
-        rounded.lm_head.weight.copy_(weights.head(torch.eye(32)).T)
+            for name in ("qkv", "o_proj", "gate_up", "down_proj"):
+                members = [per[p] for p in FUSED.get(name, (name,))]
+                eye = torch.eye(members[0].in_features)
+                y = weights.linear(torch.cat([eye, torch.zeros(1, eye.shape[1])]), i, name)
+                w = (y[:-1] - y[-1:]).T  # (outs, in): the bias (row of a zero input) taken off
+                for m, part in zip(members, w.split([m.out_features for m in members])):
+                    m.weight.copy_(part)
+        rounded.lm_head.weight.copy_(weights.head(torch.eye(model.config.hidden_size)).T)
+    return rounded
+
+
+def test_int4_step_computes_the_model_with_its_weights_rounded_to_4_bits():
+    """The int4 step equals the float step of a copy of the model whose projections (and head)
+    hold the 4-bit (8-bit) weights read back, up to bf16 activations; per-row adapters kept."""
+    model = _model()
+    adapters = ["alpha", "__base__", "beta", "alpha"]
+    lengths = [5, 9, 3, 7]
+    ids, positions = torch.tensor([3, 17, 40, 95]), torch.tensor(lengths)
+    rounded = _rounded_copy(model)
     cache = _prefilled(model, lengths, adapters)
     want = Decoder(rounded, cache).step(ids, positions, adapters)
     int4 = Decoder(model, _prefilled(model, lengths, adapters), weights="int4")
@@ -226,3 +239,38 @@ def test_int4_is_refused_where_only_the_float_path_could_decode():
             engine.adapters_changed()
     finally:
         engine.close(drain=False)
+
+
+@pytest.mark.parametrize("weights", ["float", "int4"])
+def test_qwen2_biases_go_with_the_fused_projections(weights):
+    """Qwen2's q / k / v have biases: the fused q|k|v matmul adds each one to its own outputs."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.add_(torch.randn_like(p))  # biases that matter
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"]), "a")
+    randomize_adapters(model, seed=1, scale=0.5)
+    assert enable_lorafit_attention(model) and unsupported(model) is None
+    adapters, lengths = ["a", "__base__"], [5, 8]
+    ids, positions = torch.tensor([3, 17]), torch.tensor(lengths)
+    reference = model if weights == "float" else _rounded_copy(model)
+    cache = _prefilled(model, lengths, adapters)
+    want = _reference(reference, cache, ids, positions, adapters)
+    got = Decoder(model, _prefilled(model, lengths, adapters), weights=weights).step(
+        ids, positions, adapters
+    )
+    tol = 1e-5 if weights == "float" else 0.01 * want.abs().max()
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)

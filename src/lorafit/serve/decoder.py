@@ -14,7 +14,12 @@ and each row picks its adapter with a 0/1 mask over the n blocks:
 (Punica / S-LoRA's "compute all, keep the row's own"): two matmuls per projection whatever mix of
 adapters the batch holds, static shapes, no sorting or gathering of rows. Rows whose adapter does
 not touch a projection (or base rows) get zeros there. The n * r columns are few (4 adapters of
-r=16: 64), so the extra work is small next to the base matmul.
+r=16: 64), so the extra work is small next to the base matmul. Projections that read the same
+input (q | k | v; gate | up: `weights.FUSED`) go as one: their A's stacked, their B's as blocks of
+one block-diagonal matrix, and (with 4-bit weights) their base weights as one matrix, so a layer
+makes four base matmuls and four LoRA pairs instead of seven.
+
+The base weights come from `weights.py`: the modules' own, or 4-bit copies (`--decode-weights`).
 
 Only what this function reproduces exactly is accepted (`unsupported` says why not otherwise):
 Llama / Mistral / Qwen2 layers (RMSNorm, rotary, grouped-query attention, SwiGLU), plain LoRA
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafit.serve.kv import KVSlots, _attend
-from lorafit.serve.weights import WEIGHTS
+from lorafit.serve.weights import FUSED, WEIGHTS
 from lorafit.tuner.kinds import kind_of
 from lorafit.tuner.layer import LoraLayer
 
@@ -107,6 +112,21 @@ class AdapterTable:
                     A[k * r : k * r + ad.r] = ad.A.detach().to(w.dtype)
                     B[:, k * r : k * r + ad.r] = (ad.B.detach() * ad.scale).to(w.dtype)
                 per[p] = (A, B)
+            for group, members in FUSED.items():  # one (A, B) for projections of one input
+                parts = [per[p] for p in members]
+                if all(f is None for f in parts):
+                    per[group] = None
+                    continue
+                shapes = [_base(_projections(layer)[p]).weight.shape for p in members]
+                like = next(f for f in parts if f is not None)[0]
+                per[group] = (
+                    torch.cat(
+                        [f[0] if f else like.new_zeros(n * r, s[1]) for f, s in zip(parts, shapes)]
+                    ),  # (k n r, in)
+                    torch.block_diag(
+                        *[f[1] if f else like.new_zeros(s[0], n * r) for f, s in zip(parts, shapes)]
+                    ),  # (outs, k n r): each projection's B in its own block
+                )
             self.factors.append(per)
 
     def mask(self, rows: list[str], dtype, device) -> torch.Tensor:
@@ -163,13 +183,15 @@ def decode_step(
     cos, sin = body.rotary_emb(h, positions[None])  # (1, S, d)
     cos, sin = cos[0][:, None], sin[0][:, None]  # (S, 1, d)
     slots = torch.arange(S, device=ids.device)
+    mask2, mask3 = mask.repeat(1, 2), mask.repeat(1, 3)  # the FUSED groups' masks
     for i, layer in enumerate(body.layers):
         lora = factors[i]
         attn = layer.self_attn
         x = _rms(h, layer.input_layernorm)
-        q = _linear(x, weights, i, "q_proj", lora["q_proj"], mask).view(S, heads, head_dim)
-        k = _linear(x, weights, i, "k_proj", lora["k_proj"], mask).view(S, kv_heads, head_dim)
-        v = _linear(x, weights, i, "v_proj", lora["v_proj"], mask).view(S, kv_heads, head_dim)
+        qkv = _linear(x, weights, i, "qkv", lora["qkv"], mask3)  # (S, (H + 2 Hkv) d)
+        q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), -1)
+        q = q.reshape(S, heads, head_dim)
+        k, v = k.reshape(S, kv_heads, head_dim), v.reshape(S, kv_heads, head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         k_cache[i][slots, :, positions] = k
@@ -185,8 +207,7 @@ def decode_step(
             out.reshape(S, heads * head_dim), weights, i, "o_proj", lora["o_proj"], mask
         )
         x = _rms(h, layer.post_attention_layernorm)
-        gate = _linear(x, weights, i, "gate_proj", lora["gate_proj"], mask)
-        up = _linear(x, weights, i, "up_proj", lora["up_proj"], mask)
+        gate, up = _linear(x, weights, i, "gate_up", lora["gate_up"], mask2).chunk(2, -1)
         h = h + _linear(F.silu(gate) * up, weights, i, "down_proj", lora["down_proj"], mask)
     return weights.head(_rms(h, body.norm))  # (S, vocab)
 

@@ -26,6 +26,9 @@ from lorafit.tuner.kinds import kind_of
 GROUP = 32
 """Inputs per 4-bit group (llama.cpp's Q4_0 / Q4_1 block)."""
 
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+"""Projections that read the same input, multiplied as one (their outputs side by side)."""
+
 
 class FloatWeights:
     """The modules' own weights, as the model computes with them."""
@@ -36,8 +39,11 @@ class FloatWeights:
         self.layers, self.head_module = projections, model.lm_head
 
     def linear(self, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
-        m = self.layers[layer][name]
-        return F.linear(x, m.weight, m.bias)
+        """x W^T for projection `name`, or a FUSED group's outputs side by side."""
+        per = self.layers[layer]
+        members = FUSED.get(name, (name,))
+        ys = [F.linear(x, per[p].weight, per[p].bias) for p in members]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, -1)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_module(x)  # (S, vocab)
@@ -68,7 +74,7 @@ class Int4Weights:
                 f"--decode-weights int4 needs a plain linear output head; this model's is a "
                 f"{type(model.lm_head).__name__}"
             )
-        self.layers = [{p: _int4(m) for p, m in per.items()} for per in projections]
+        self.layers = [_int4_layer(per) for per in projections]
         ao = quiet_import("torchao.quantization")
         w = model.lm_head.weight.detach()
         t = ao.Int8Tensor.from_hp(w.float().contiguous(), ao.PerRow())
@@ -87,12 +93,32 @@ class Int4Weights:
         return y if bias is None else y + bias  # (S, vocab)
 
 
-def _int4(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(packed (out, in / 2) uint8, scale and offset (in / GROUP, out, 2) bf16, bias)."""
+def _int4_layer(projections: dict[str, nn.Module]) -> dict[str, tuple]:
+    """One layer's 4-bit weights: the FUSED groups as one matrix each, the others alone."""
+    grouped = {p for members in FUSED.values() for p in members}
+    packed = {p: _int4([m]) for p, m in projections.items() if p not in grouped}
+    for name, members in FUSED.items():
+        packed[name] = _int4([projections[p] for p in members])
+    return packed
+
+
+def _int4(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The modules' weights stacked along the outputs, as (packed (out, in / 2) uint8, scale and
+    offset (in / GROUP, out, 2) bf16, bias or None)."""
     Int4 = quiet_import("torchao.prototype.quantization.int4.int4_opaque_tensor").Int4OpaqueTensor
+    w = torch.cat([m.weight.detach().float() for m in modules])  # (out, in)
     # qparams chosen in fp32, then rounded once to the kernel's bf16
-    t = Int4.from_hp(module.weight.detach().float().contiguous(), [1, GROUP])
-    return t.qdata, t.scale_and_zero.to(torch.bfloat16), module.bias
+    t = Int4.from_hp(w.contiguous(), [1, GROUP])
+    biases = [m.bias for m in modules]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [
+                b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+                for b, m in zip(biases, modules)
+            ]
+        )
+    return t.qdata, t.scale_and_zero.to(torch.bfloat16), bias
 
 
 WEIGHTS = {w.name: w for w in (FloatWeights, Int4Weights)}
