@@ -85,7 +85,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(adapters: dict[str, Path], slots: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    adapters: dict[str, Path], slots: int, extra: list[str] = ()
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -98,6 +100,7 @@ def start_server(adapters: dict[str, Path], slots: int) -> tuple[subprocess.Pope
         str(slots),
         "--adapters",
         *[f"{k}={v}" for k, v in adapters.items()],
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -262,6 +265,12 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary (rows d, e)")
+    p.add_argument(
+        "--decode-weights",
+        nargs="+",
+        default=["float", "int4"],
+        help="serve rows (a), (b) once per choice (default: float int4)",
+    )
     args = p.parse_args()
     if args.smoke:
         args.clients, args.tokens = 4, 8
@@ -271,15 +280,20 @@ def main() -> None:
     texts = prompts(args.clients)
     names = list(adapters)
     jobs = [(names[i % len(names)], texts[i], args.tokens) for i in range(args.clients)]
-    proc, url = start_server(adapters, slots=args.clients)
     rows = []
-    try:
-        run_clients(url, jobs[:2], concurrent=False)  # warm-up
-        rows.append(row("(a) lorafit serve, all clients at once", *run_clients(url, jobs, True)))
-        rows.append(row("(b) lorafit serve, one request at a time", *run_clients(url, jobs, False)))
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    for weights in args.decode_weights:
+        proc, url = start_server(adapters, args.clients, ["--decode-weights", weights])
+        how = "" if weights == "float" else f" --decode-weights {weights}"
+        a, b = ("(a)", "(b)") if weights == "float" else (f"(a-{weights})", f"(b-{weights})")
+        try:
+            run_clients(url, jobs[:2], concurrent=False)  # warm-up
+            all_at_once = run_clients(url, jobs, True)
+            rows.append(row(f"{a} lorafit serve{how}, all clients at once", *all_at_once))
+            one_by_one = run_clients(url, jobs, False)
+            rows.append(row(f"{b} lorafit serve{how}, one request at a time", *one_by_one))
+        finally:
+            proc.terminate()
+            proc.wait(60)
     if not args.no_peft:
         rows.append(
             row("(c) transformers + PEFT, set_adapter per request", *peft_rows(adapters, jobs))
@@ -301,8 +315,9 @@ def main() -> None:
         print(
             f"| {r['row']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | {r['p50']:.2f} | {r['p95']:.2f} | {r['failed']} |"
         )
-    single = rows[1]["tokens"] / rows[1]["wall"]
-    print(f"\nsingle-stream decoding (row b): {single:.1f} tokens/s")
+    for r in rows:
+        if r["row"].startswith("(b"):
+            print(f"single-stream decoding ({r['row']}): {r['tokens'] / r['wall']:.1f} tokens/s")
     print(json.dumps(rows))
 
 

@@ -77,7 +77,14 @@ def unsupported(model: nn.Module) -> str | None:
 
 
 class AdapterTable:
-    """The stacked factors of adapters `names` for every projection of every layer."""
+    """The factors of adapters `names` for every projection of every layer, two ways:
+    - `stacked`: all adapters side by side (A (k n r, in), one B (out, n r) per projection), each
+      row keeping its own block by a mask: any mix of adapters in one step;
+    - `own[name]`: one adapter's blocks alone (A (k r, in), B (out, r)): a step whose rows all use
+      that adapter reads n times fewer factor bytes and needs no mask (one stream, or one
+      adapter's traffic).
+    Per layer, a dict from projection (or FUSED group) to (A, [B per member]) or None. Every block
+    is r = the largest rank wide; smaller ranks are padded with zeros."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         self.names = list(names)
@@ -90,54 +97,63 @@ class AdapterTable:
             if n in m.adapters
         ]
         self.rank = max(ranks, default=0)
-        self.factors: list[dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = []
-        n, r = len(self.names), self.rank
-        for layer in model.model.layers:
-            per: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
-            for p, m in _projections(layer).items():
-                have = [
-                    k
-                    for k, a in enumerate(self.names)
-                    if isinstance(m, LoraLayer) and a in m.adapters
-                ]
-                if not have:
-                    per[p] = None
-                    continue
-                w = m.base_layer.weight
-                out_f, in_f = w.shape
-                A = torch.zeros(n * r, in_f, dtype=w.dtype, device=w.device)
-                B = torch.zeros(out_f, n * r, dtype=w.dtype, device=w.device)
-                for k in have:
-                    ad = m.adapters[self.names[k]]
-                    A[k * r : k * r + ad.r] = ad.A.detach().to(w.dtype)
-                    B[:, k * r : k * r + ad.r] = (ad.B.detach() * ad.scale).to(w.dtype)
-                per[p] = (A, B)
-            for group, members in FUSED.items():  # one (A, B) for projections of one input
-                parts = [per[p] for p in members]
-                if all(f is None for f in parts):
-                    per[group] = None
-                    continue
-                shapes = [_base(_projections(layer)[p]).weight.shape for p in members]
-                like = next(f for f in parts if f is not None)[0]
-                per[group] = (
-                    torch.cat(
-                        [f[0] if f else like.new_zeros(n * r, s[1]) for f, s in zip(parts, shapes)]
-                    ),  # (k n r, in)
-                    torch.block_diag(
-                        *[f[1] if f else like.new_zeros(s[0], n * r) for f, s in zip(parts, shapes)]
-                    ),  # (outs, k n r): each projection's B in its own block
-                )
-            self.factors.append(per)
+        layers = [_projections(layer) for layer in model.model.layers]
+        self.stacked = [_layer_factors(per, self.names, self.rank) for per in layers]
+        self.own = {
+            name: [_layer_factors(per, [name], self.rank) for per in layers] for name in self.names
+        }
+        self._none = [dict.fromkeys(self.stacked[0]) for _ in layers] if layers else []
 
-    def mask(self, rows: list[str], dtype, device) -> torch.Tensor:
-        """(S, n * r): ones over each row's own adapter block."""
+    def select(self, rows: list[str], dtype, device) -> tuple[list[dict], torch.Tensor | None]:
+        """The factors for a step with these rows' adapters, and the (S, n r) mask (ones over
+        each row's own block) when the rows mix adapters (None: no mask needed)."""
+        used = set(rows)
+        if not used & set(self.names):
+            return self._none, None  # base rows only
+        if len(used) == 1:
+            return self.own[rows[0]], None
         n, r = len(self.names), self.rank
         m = torch.zeros(len(rows), n * r, dtype=dtype, device=device)
         for i, name in enumerate(rows):
             if name in self.names:
                 k = self.names.index(name)
                 m[i, k * r : (k + 1) * r] = 1
-        return m
+        return self.stacked, m
+
+
+def _layer_factors(projections: dict[str, nn.Module], names: list[str], r: int) -> dict:
+    """{projection or FUSED group: (A (members * n * r, in), [B (out, n * r) per member]) or None}
+    for adapters `names` (in that order) of one layer; B carries the adapter's scale."""
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    n = len(names)
+    for p, m in projections.items():
+        have = [k for k, a in enumerate(names) if isinstance(m, LoraLayer) and a in m.adapters]
+        w = _base(m).weight
+        out_f, in_f = w.shape
+        A = torch.zeros(n * r, in_f, dtype=w.dtype, device=w.device)
+        B = torch.zeros(out_f, n * r, dtype=w.dtype, device=w.device)
+        for k in have:
+            ad = m.adapters[names[k]]
+            A[k * r : k * r + ad.r] = ad.A.detach().to(w.dtype)
+            B[:, k * r : k * r + ad.r] = (ad.B.detach() * ad.scale).to(w.dtype)
+        blocks[p] = (A, B) if have else None
+    grouped = {p for members in FUSED.values() for p in members}
+    out: dict[str, tuple[torch.Tensor, list[torch.Tensor]] | None] = {
+        p: (f[0], [f[1]]) if f else None for p, f in blocks.items() if p not in grouped
+    }
+    for group, members in FUSED.items():  # the members' A's stacked: one matmul of their input
+        parts = [blocks[p] for p in members]
+        if all(f is None for f in parts):
+            out[group] = None
+            continue
+        zeros = [
+            (torch.zeros_like(_base(projections[p]).weight[: n * r]),
+             torch.zeros_like(_base(projections[p]).weight[:, : n * r]))
+            for p in members
+        ]  # fmt: skip
+        parts = [f if f is not None else z for f, z in zip(parts, zeros)]
+        out[group] = (torch.cat([f[0] for f in parts]), [f[1] for f in parts])
+    return out
 
 
 def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -153,11 +169,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x, weights, layer: int, name: str, lora, mask) -> torch.Tensor:
+    """The base projection (or FUSED group) plus the rows' LoRA updates; `mask` (S, members * n r)
+    keeps each row's own adapter block (None: every row uses the factors given)."""
     y = weights.linear(x, layer, name)
-    if lora is not None:
-        A, B = lora
-        y = y + F.linear(F.linear(x, A) * mask, B)
-    return y
+    if lora is None:
+        return y
+    A, Bs = lora
+    t = F.linear(x, A)  # (S, members * n r)
+    if mask is not None:
+        t = t * mask
+    if len(Bs) == 1:
+        return y + F.linear(t, Bs[0])
+    return y + torch.cat([F.linear(c, B) for c, B in zip(t.chunk(len(Bs), -1), Bs)], -1)
 
 
 def decode_step(
@@ -166,7 +189,7 @@ def decode_step(
     factors: list[dict],
     ids: torch.Tensor,  # (S,)
     positions: torch.Tensor,  # (S,)
-    mask: torch.Tensor,  # (S, n * r)
+    mask: torch.Tensor | None,  # (S, n * r), or None when `factors` are every row's own
     attend_mask: torch.Tensor,  # (S, 1, 1, L): True where row i may attend (L = longest + 1)
     k_cache: list[torch.Tensor],  # per layer (slots, kv heads, max_len, head dim)
     v_cache: list[torch.Tensor],
@@ -183,7 +206,9 @@ def decode_step(
     cos, sin = body.rotary_emb(h, positions[None])  # (1, S, d)
     cos, sin = cos[0][:, None], sin[0][:, None]  # (S, 1, d)
     slots = torch.arange(S, device=ids.device)
-    mask2, mask3 = mask.repeat(1, 2), mask.repeat(1, 3)  # the FUSED groups' masks
+    mask2 = mask3 = None
+    if mask is not None:
+        mask2, mask3 = mask.repeat(1, 2), mask.repeat(1, 3)  # the FUSED groups' masks
     for i, layer in enumerate(body.layers):
         lora = factors[i]
         attn = layer.self_attn
@@ -243,24 +268,30 @@ class Decoder:
         self.table = AdapterTable(self.model, names)
 
     def warm_up(self) -> None:
-        """Compile both graphs now (one row; several rows) rather than on the first requests.
-        Writes only position 0 of slots 0 and 1, which a prefill overwrites before use."""
-        for rows in (1, 2) if self.cache.slots >= 2 else (1,):
-            device = self.cache.k[0].device
-            zeros = torch.zeros(rows, dtype=torch.long, device=device)
-            self.step(zeros, zeros, ["__base__"] * rows)
+        """Compile the graphs now rather than on the first requests: base rows only, rows of one
+        adapter, mixed rows; one row and several (torch specialises a single row). Writes only
+        position 0 of slots 0 and 1, which a prefill overwrites before use."""
+        cases = [["__base__"], ["__base__"] * 2]
+        if self.table.names:
+            a = self.table.names[0]
+            cases += [[a], [a, a], [a, "__base__"]]
+        device = self.cache.k[0].device
+        for rows in cases:
+            if len(rows) <= self.cache.slots:
+                zeros = torch.zeros(len(rows), dtype=torch.long, device=device)
+                self.step(zeros, zeros, rows)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         p = self.cache.k[0]
-        mask = self.table.mask(adapters, p.dtype, p.device)
+        factors, mask = self.table.select(adapters, p.dtype, p.device)
         longest = int(positions.max()) + 1
         span = torch.arange(longest, device=positions.device)
         attend = (span[None, :] <= positions[:, None])[:, None, None, :]
         return self._fn(
             self.model,
             self.weights,
-            self.table.factors,
+            factors,
             ids,
             positions,
             mask,
