@@ -153,7 +153,7 @@ def test_int4_weights_are_each_weight_to_within_half_a_4bit_step():
     layer = _bases(model)[1]
     for name in ("qkv", "o_proj", "gate_up", "down_proj"):
         w = torch.cat([layer[p].weight.detach() for p in FUSED.get(name, (name,))])  # (out, in)
-        got = weights.linear(torch.eye(w.shape[1]), 1, name).T  # (out, in)
+        got = weights.linear(torch.eye(w.shape[1]), weights.layers[1][name]).T  # (out, in)
         groups = w.reshape(w.shape[0], -1, GROUP)
         step = (groups.amax(-1) - groups.amin(-1)) / 15  # (out, in / GROUP)
         bound = (step / 2 + 0.01 * groups.abs().amax(-1)).repeat_interleave(GROUP, 1)
@@ -180,7 +180,9 @@ def _rounded_copy(model):
             for name in ("qkv", "o_proj", "gate_up", "down_proj"):
                 members = [per[p] for p in FUSED.get(name, (name,))]
                 eye = torch.eye(members[0].in_features)
-                y = weights.linear(torch.cat([eye, torch.zeros(1, eye.shape[1])]), i, name)
+                y = weights.linear(
+                    torch.cat([eye, torch.zeros(1, eye.shape[1])]), weights.layers[i][name]
+                )
                 w = (y[:-1] - y[-1:]).T  # (outs, in): the bias (row of a zero input) taken off
                 for m, part in zip(members, w.split([m.out_features for m in members])):
                     m.weight.copy_(part)

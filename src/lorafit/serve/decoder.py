@@ -3,9 +3,9 @@
 transformers' forward is general: per layer and per projection it goes through module calls,
 LoRA layers that look up the per-row adapter names, attention-interface dispatch and a cache
 object, about 900 small eager ops for one token of a 30-layer model. A decoding step needs far
-less: this module runs the same weights (the model's own modules, nothing copied) as one flat
-function of tensors, so `torch.compile` can fuse it (on CPU the element-wise ops become a few
-C++ kernels; the matmuls stay oneDNN / MKL calls).
+less: this module runs the same weights (the model's own tensors, nothing copied) through a
+function of a layer's tensors (`decode_layer`), layer after layer, which `torch.compile` can fuse
+(on CPU the element-wise ops become a few C++ kernels; the matmuls stay oneDNN / MKL calls).
 
 Every loaded adapter's factors are stacked per projection (`AdapterTable`):
     A_cat (n * r, in)      B_cat (out, n * r)      n adapters, each padded to rank r, B scaled
@@ -156,11 +156,11 @@ def _layer_factors(projections: dict[str, nn.Module], names: list[str], r: int) 
     return out
 
 
-def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # exactly transformers' LlamaRMSNorm
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -168,10 +168,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _linear(x, weights, layer: int, name: str, lora, mask) -> torch.Tensor:
-    """The base projection (or FUSED group) plus the rows' LoRA updates; `mask` (S, members * n r)
-    keeps each row's own adapter block (None: every row uses the factors given)."""
-    y = weights.linear(x, layer, name)
+def _linear(x, linear, w, lora, mask) -> torch.Tensor:
+    """The base projection (or FUSED group) `linear(x, w)` plus the rows' LoRA updates; `mask`
+    (S, members * n r) keeps each row's own adapter block (None: every row uses `lora`)."""
+    y = linear(x, w)
     if lora is None:
         return y
     A, Bs = lora
@@ -183,58 +183,64 @@ def _linear(x, weights, layer: int, name: str, lora, mask) -> torch.Tensor:
     return y + torch.cat([F.linear(c, B) for c, B in zip(t.chunk(len(Bs), -1), Bs)], -1)
 
 
-def decode_step(
-    model: nn.Module,
-    weights,  # FloatWeights | Int4Weights: the base projections and head (weights.py)
-    factors: list[dict],
-    ids: torch.Tensor,  # (S,)
+def decode_layer(
+    linear,  # FloatWeights.linear | Int4Weights.linear
+    h: torch.Tensor,  # (S, hidden): the residual stream
+    w: dict,  # the layer's base weights (weights.py)
+    lora: dict,  # the layer's factors (AdapterTable)
+    norms: tuple,  # (input norm weight, eps, post-attention norm weight, eps)
+    masks: tuple,  # (mask, mask of 2 groups, mask of 3 groups), or Nones
+    cos: torch.Tensor,  # (S, 1, d)
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # (slots, kv heads, max_len, d)
+    v_cache: torch.Tensor,
     positions: torch.Tensor,  # (S,)
-    mask: torch.Tensor | None,  # (S, n * r), or None when `factors` are every row's own
-    attend_mask: torch.Tensor,  # (S, 1, 1, L): True where row i may attend (L = longest + 1)
-    k_cache: list[torch.Tensor],  # per layer (slots, kv heads, max_len, head dim)
-    v_cache: list[torch.Tensor],
+    attend_mask: torch.Tensor,  # (S, 1, 1, L)
+    scaling: float,
+    dims: tuple[int, int, int],  # (heads, kv heads, head dim)
 ) -> torch.Tensor:
-    """One new token for rows 0..S-1 (row i = cache slot i): writes their keys / values at their
-    positions and returns the logits (S, vocab)."""
-    cfg = model.config
-    body = model.model
-    S, L = ids.shape[0], attend_mask.shape[-1]
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    h = body.embed_tokens(ids)  # (S, hidden)
-    cos, sin = body.rotary_emb(h, positions[None])  # (1, S, d)
-    cos, sin = cos[0][:, None], sin[0][:, None]  # (S, 1, d)
-    slots = torch.arange(S, device=ids.device)
-    mask2 = mask3 = None
-    if mask is not None:
-        mask2, mask3 = mask.repeat(1, 2), mask.repeat(1, 3)  # the FUSED groups' masks
-    for i, layer in enumerate(body.layers):
-        lora = factors[i]
-        attn = layer.self_attn
-        x = _rms(h, layer.input_layernorm)
-        qkv = _linear(x, weights, i, "qkv", lora["qkv"], mask3)  # (S, (H + 2 Hkv) d)
-        q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), -1)
-        q = q.reshape(S, heads, head_dim)
-        k, v = k.reshape(S, kv_heads, head_dim), v.reshape(S, kv_heads, head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        k_cache[i][slots, :, positions] = k
-        v_cache[i][slots, :, positions] = v
-        out = _attend(
-            q[:, :, None],
-            k_cache[i][:S, :, :L],
-            v_cache[i][:S, :, :L],
-            attn.scaling,
-            attend_mask,
-        )  # (S, 1, H, d)
-        h = h + _linear(
-            out.reshape(S, heads * head_dim), weights, i, "o_proj", lora["o_proj"], mask
+    """One decoder layer for one new token per row; writes the rows' keys / values. Only tensors,
+    numbers and the `linear` function come in (no modules, no layer index), so one compiled graph
+    serves every layer."""
+    heads, kv_heads, head_dim = dims
+    S, L = h.shape[0], attend_mask.shape[-1]
+    mask, mask2, mask3 = masks
+    x = _rms(h, norms[0], norms[1])
+    qkv = _linear(x, linear, w["qkv"], lora["qkv"], mask3)  # (S, (H + 2 Hkv) d)
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), -1)
+    q = q.reshape(S, heads, head_dim)
+    k, v = k.reshape(S, kv_heads, head_dim), v.reshape(S, kv_heads, head_dim)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    slots = torch.arange(S, device=h.device)
+    k_cache[slots, :, positions] = k
+    v_cache[slots, :, positions] = v
+    out = _attend(
+        q[:, :, None], k_cache[:S, :, :L], v_cache[:S, :, :L], scaling, attend_mask
+    )  # (S, 1, H, d)
+    h = h + _linear(out.reshape(S, heads * head_dim), linear, w["o_proj"], lora["o_proj"], mask)
+    x = _rms(h, norms[2], norms[3])
+    gate, up = _linear(x, linear, w["gate_up"], lora["gate_up"], mask2).chunk(2, -1)
+    return h + _linear(F.silu(gate) * up, linear, w["down_proj"], lora["down_proj"], mask)
+
+
+def decode_layers(linear, h, weights, factors, norms, masks, cos, sin, k_cache, v_cache, *rest):
+    """`decode_layer` for every layer in turn (what `--compile` compiles: one graph of them all)."""
+    for i, layer_norms in enumerate(norms):
+        h = decode_layer(
+            linear,
+            h,
+            weights[i],
+            factors[i],
+            layer_norms,
+            masks,
+            cos,
+            sin,
+            k_cache[i],
+            v_cache[i],
+            *rest,
         )
-        x = _rms(h, layer.post_attention_layernorm)
-        gate, up = _linear(x, weights, i, "gate_up", lora["gate_up"], mask2).chunk(2, -1)
-        h = h + _linear(F.silu(gate) * up, weights, i, "down_proj", lora["down_proj"], mask)
-    return weights.head(_rms(h, body.norm))  # (S, vocab)
+    return h
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -243,9 +249,9 @@ def _base(module: nn.Module) -> nn.Module:
 
 class Decoder:
     """The engine's decoding step: `step(ids, positions, adapters)` -> logits (S, vocab), rows in
-    cache-slot order. `refresh()` after adapters are loaded or unloaded. With `compile`, the step
-    runs through `torch.compile` (dynamic batch and length: one compiled graph, plus one for a
-    single row, which torch specialises)."""
+    cache-slot order. `refresh()` after adapters are loaded or unloaded. With `compile`, the
+    layers run as one `torch.compile`d graph (dynamic batch and length; torch specialises a
+    single row, and base-only / one-adapter / mixed steps have graphs of their own)."""
 
     def __init__(
         self, model: nn.Module, cache: KVSlots, compile: bool = False, weights: str = "float"
@@ -258,8 +264,25 @@ class Decoder:
             {p: _base(m) for p, m in _projections(layer).items()} for layer in model.model.layers
         ]
         self.weights = WEIGHTS[weights](model, bases)
-        self._fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.dims = (heads, kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        self.norms = [
+            (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon)
+            for n1, n2 in ((x.input_layernorm, x.post_attention_layernorm) for x in self.layers)
+        ]
+        self._layers = decode_layers
+        if compile:
+            # one graph per (rows 1 / several) x (base only / one adapter / mixed) x weights kind
+            # x the adapters' projection sets: more than torch's default 8 per function
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._layers = torch.compile(decode_layers, dynamic=True)
         self.refresh()
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(self.model.model.layers)
 
     def refresh(self) -> None:
         names = sorted(
@@ -283,19 +306,33 @@ class Decoder:
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """One new token for rows 0..S-1 (row i = cache slot i, `ids` (S,) at `positions` (S,)):
+        writes their keys / values and returns the logits (S, vocab)."""
         p = self.cache.k[0]
         factors, mask = self.table.select(adapters, p.dtype, p.device)
+        masks = (None,) * 3 if mask is None else (mask, mask.repeat(1, 2), mask.repeat(1, 3))
         longest = int(positions.max()) + 1
         span = torch.arange(longest, device=positions.device)
-        attend = (span[None, :] <= positions[:, None])[:, None, None, :]
-        return self._fn(
-            self.model,
-            self.weights,
+        attend = (span[None, :] <= positions[:, None])[:, None, None, :]  # (S, 1, 1, L)
+        body = self.model.model
+        h = body.embed_tokens(ids)  # (S, hidden)
+        cos, sin = body.rotary_emb(h, positions[None])  # (1, S, d)
+        cos, sin = cos[0][:, None], sin[0][:, None]  # (S, 1, d)
+        scaling = body.layers[0].self_attn.scaling
+        h = self._layers(
+            self.weights.linear,
+            h,
+            self.weights.layers,
             factors,
-            ids,
-            positions,
-            mask,
-            attend,
+            self.norms,
+            masks,
+            cos,
+            sin,
             self.cache.k,
             self.cache.v,
+            positions,
+            attend,
+            scaling,
+            self.dims,
         )
+        return self.weights.head(_rms(h, body.norm.weight, body.norm.variance_epsilon))

@@ -36,13 +36,20 @@ class FloatWeights:
     name = "float"
 
     def __init__(self, model: nn.Module, projections: list[dict[str, nn.Module]]):
-        self.layers, self.head_module = projections, model.lm_head
+        # per layer {projection or FUSED group: ((weight, bias) per member)}
+        self.layers = [
+            {
+                name: tuple((per[p].weight, per[p].bias) for p in members)
+                for name, members in _names(per).items()
+            }
+            for per in projections
+        ]
+        self.head_module = model.lm_head
 
-    def linear(self, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
-        """x W^T for projection `name`, or a FUSED group's outputs side by side."""
-        per = self.layers[layer]
-        members = FUSED.get(name, (name,))
-        ys = [F.linear(x, per[p].weight, per[p].bias) for p in members]
+    @staticmethod
+    def linear(x: torch.Tensor, w: tuple) -> torch.Tensor:
+        """x W^T with one entry of `layers[i]`: a FUSED group's outputs side by side."""
+        ys = [F.linear(x, weight, bias) for weight, bias in w]
         return ys[0] if len(ys) == 1 else torch.cat(ys, -1)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,14 +81,19 @@ class Int4Weights:
                 f"--decode-weights int4 needs a plain linear output head; this model's is a "
                 f"{type(model.lm_head).__name__}"
             )
-        self.layers = [_int4_layer(per) for per in projections]
+        # per layer {projection or FUSED group: (packed, scale and offset, bias)}
+        self.layers = [
+            {name: _int4([per[p] for p in members]) for name, members in _names(per).items()}
+            for per in projections
+        ]
         ao = quiet_import("torchao.quantization")
         w = model.lm_head.weight.detach()
         t = ao.Int8Tensor.from_hp(w.float().contiguous(), ao.PerRow())
         self.head_weights = (t.qdata, t.scale.reshape(-1).to(torch.bfloat16), model.lm_head.bias)
 
-    def linear(self, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
-        packed, scale_offset, bias = self.layers[layer][name]
+    @staticmethod
+    def linear(x: torch.Tensor, w: tuple) -> torch.Tensor:
+        packed, scale_offset, bias = w
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), packed, GROUP, scale_offset
         ).to(x.dtype)  # (S, out)
@@ -93,13 +105,10 @@ class Int4Weights:
         return y if bias is None else y + bias  # (S, vocab)
 
 
-def _int4_layer(projections: dict[str, nn.Module]) -> dict[str, tuple]:
-    """One layer's 4-bit weights: the FUSED groups as one matrix each, the others alone."""
+def _names(projections: dict[str, nn.Module]) -> dict[str, tuple[str, ...]]:
+    """{projection or FUSED group: its member projections} for one layer."""
     grouped = {p for members in FUSED.values() for p in members}
-    packed = {p: _int4([m]) for p, m in projections.items() if p not in grouped}
-    for name, members in FUSED.items():
-        packed[name] = _int4([projections[p] for p in members])
-    return packed
+    return {**{p: (p,) for p in projections if p not in grouped}, **FUSED}
 
 
 def _int4(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
