@@ -79,7 +79,10 @@ def build(
         engine.close(drain=False)
         raise
     if compile and engine.decoder is not None:
-        print("compiling the decoding step (one row, then several) ...", file=sys.stderr)
+        print(
+            "compiling the decoding step (base, one adapter, mixed rows; minutes) ...",
+            file=sys.stderr,
+        )
         engine.call(engine.decoder.warm_up).result()
     elif compile:
         print(f"--compile ignored: {engine.lean_blocker}", file=sys.stderr)
