@@ -1,6 +1,6 @@
 """The benchmark smoke tests run each benchmark script end to end on the real models and data
-(up to 5 minutes each, 10-20 minutes together on 2 cores). They run when LORAFIT_BENCH_SMOKE=1, which CI
-sets (.ci/run); a developer's plain `python -m pytest -q` skips them to stay quick."""
+(up to 5 minutes each, 10-20 minutes together on 2 cores). They run when LORAFIT_BENCH_SMOKE=1,
+which CI sets (.ci/run); a developer's plain `python -m pytest -q` skips them to stay quick."""
 
 import os
 
