@@ -283,14 +283,15 @@ def main() -> None:
     rows = []
     for weights in args.decode_weights:
         proc, url = start_server(adapters, args.clients, ["--decode-weights", weights])
-        how = "" if weights == "float" else f" --decode-weights {weights}"
-        a, b = ("(a)", "(b)") if weights == "float" else (f"(a-{weights})", f"(b-{weights})")
+        tag, how = (
+            ("", "") if weights == "float" else (f"-{weights}", f" --decode-weights {weights}")
+        )
         try:
             run_clients(url, jobs[:2], concurrent=False)  # warm-up
             all_at_once = run_clients(url, jobs, True)
-            rows.append(row(f"{a} lorafit serve{how}, all clients at once", *all_at_once))
+            rows.append(row(f"(a{tag}) lorafit serve{how}, all clients at once", *all_at_once))
             one_by_one = run_clients(url, jobs, False)
-            rows.append(row(f"{b} lorafit serve{how}, one request at a time", *one_by_one))
+            rows.append(row(f"(b{tag}) lorafit serve{how}, one request at a time", *one_by_one))
         finally:
             proc.terminate()
             proc.wait(60)

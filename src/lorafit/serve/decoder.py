@@ -15,9 +15,9 @@ and each row picks its adapter with a 0/1 mask over the n blocks:
 adapters the batch holds, static shapes, no sorting or gathering of rows. Rows whose adapter does
 not touch a projection (or base rows) get zeros there. The n * r columns are few (4 adapters of
 r=16: 64), so the extra work is small next to the base matmul. Projections that read the same
-input (q | k | v; gate | up: `weights.FUSED`) go as one: their A's stacked, their B's as blocks of
-one block-diagonal matrix, and (with 4-bit weights) their base weights as one matrix, so a layer
-makes four base matmuls and four LoRA pairs instead of seven.
+input (q | k | v; gate | up: `weights.FUSED`) go as one: their A's stacked into one matmul (each
+member's B then takes its own slice), and their base weights as one matrix with 4-bit weights,
+so a layer makes four base matmuls and four A matmuls instead of seven.
 
 The base weights come from `weights.py`: the modules' own, or 4-bit copies (`--decode-weights`).
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafit.serve.kv import KVSlots, _attend
-from lorafit.serve.weights import FUSED, WEIGHTS
+from lorafit.serve.weights import WEIGHTS, layer_groups
 from lorafit.tuner.kinds import kind_of
 from lorafit.tuner.layer import LoraLayer
 
@@ -124,36 +124,28 @@ class AdapterTable:
 def _layer_factors(projections: dict[str, nn.Module], names: list[str], r: int) -> dict:
     """{projection or FUSED group: (A (members * n * r, in), [B (out, n * r) per member]) or None}
     for adapters `names` (in that order) of one layer; B carries the adapter's scale."""
-    blocks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # zeros where no adapter
+    touched: set[str] = set()
     n = len(names)
     for p, m in projections.items():
-        have = [k for k, a in enumerate(names) if isinstance(m, LoraLayer) and a in m.adapters]
         w = _base(m).weight
         out_f, in_f = w.shape
         A = torch.zeros(n * r, in_f, dtype=w.dtype, device=w.device)
         B = torch.zeros(out_f, n * r, dtype=w.dtype, device=w.device)
-        for k in have:
-            ad = m.adapters[names[k]]
-            A[k * r : k * r + ad.r] = ad.A.detach().to(w.dtype)
-            B[:, k * r : k * r + ad.r] = (ad.B.detach() * ad.scale).to(w.dtype)
-        blocks[p] = (A, B) if have else None
-    grouped = {p for members in FUSED.values() for p in members}
-    out: dict[str, tuple[torch.Tensor, list[torch.Tensor]] | None] = {
-        p: (f[0], [f[1]]) if f else None for p, f in blocks.items() if p not in grouped
+        for k, a in enumerate(names):
+            if isinstance(m, LoraLayer) and a in m.adapters:
+                ad = m.adapters[a]
+                A[k * r : k * r + ad.r] = ad.A.detach().to(w.dtype)
+                B[:, k * r : k * r + ad.r] = (ad.B.detach() * ad.scale).to(w.dtype)
+                touched.add(p)
+        blocks[p] = (A, B)
+    # a FUSED group's A's stacked (one matmul of their input), its B's one per member
+    return {
+        name: (torch.cat([blocks[p][0] for p in members]), [blocks[p][1] for p in members])
+        if touched & set(members)
+        else None
+        for name, members in layer_groups(projections).items()
     }
-    for group, members in FUSED.items():  # the members' A's stacked: one matmul of their input
-        parts = [blocks[p] for p in members]
-        if all(f is None for f in parts):
-            out[group] = None
-            continue
-        zeros = [
-            (torch.zeros_like(_base(projections[p]).weight[: n * r]),
-             torch.zeros_like(_base(projections[p]).weight[:, : n * r]))
-            for p in members
-        ]  # fmt: skip
-        parts = [f if f is not None else z for f, z in zip(parts, zeros)]
-        out[group] = (torch.cat([f[0] for f in parts]), [f[1] for f in parts])
-    return out
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -270,7 +262,9 @@ class Decoder:
         self.dims = (heads, kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         self.norms = [
             (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon)
-            for n1, n2 in ((x.input_layernorm, x.post_attention_layernorm) for x in self.layers)
+            for n1, n2 in (
+                (x.input_layernorm, x.post_attention_layernorm) for x in model.model.layers
+            )
         ]
         self._layers = decode_layers
         if compile:
@@ -279,10 +273,6 @@ class Decoder:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._layers = torch.compile(decode_layers, dynamic=True)
         self.refresh()
-
-    @property
-    def layers(self) -> list[nn.Module]:
-        return list(self.model.model.layers)
 
     def refresh(self) -> None:
         names = sorted(

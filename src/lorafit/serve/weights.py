@@ -40,7 +40,7 @@ class FloatWeights:
         self.layers = [
             {
                 name: tuple((per[p].weight, per[p].bias) for p in members)
-                for name, members in _names(per).items()
+                for name, members in layer_groups(per).items()
             }
             for per in projections
         ]
@@ -83,7 +83,7 @@ class Int4Weights:
             )
         # per layer {projection or FUSED group: (packed, scale and offset, bias)}
         self.layers = [
-            {name: _int4([per[p] for p in members]) for name, members in _names(per).items()}
+            {name: _int4([per[p] for p in members]) for name, members in layer_groups(per).items()}
             for per in projections
         ]
         ao = quiet_import("torchao.quantization")
@@ -105,7 +105,7 @@ class Int4Weights:
         return y if bias is None else y + bias  # (S, vocab)
 
 
-def _names(projections: dict[str, nn.Module]) -> dict[str, tuple[str, ...]]:
+def layer_groups(projections: dict[str, nn.Module]) -> dict[str, tuple[str, ...]]:
     """{projection or FUSED group: its member projections} for one layer."""
     grouped = {p for members in FUSED.values() for p in members}
     return {**{p: (p,) for p in projections if p not in grouped}, **FUSED}
