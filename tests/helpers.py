@@ -171,7 +171,7 @@ def write_text(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def chat_llama(tok, seed: int = 0):
+def chat_llama(tok, seed: int = 0, layers: int = 2):
     """A tiny random Llama sized for `tok` (from chat_tokenizer), with its special token ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -180,7 +180,7 @@ def chat_llama(tok, seed: int = 0):
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -192,10 +192,10 @@ def chat_llama(tok, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
+def write_tiny_chat_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
     """A tiny Llama + BPE chat tokenizer saved like a Hugging Face folder."""
     tok = chat_tokenizer()
-    chat_llama(tok, seed).save_pretrained(folder)
+    chat_llama(tok, seed, layers).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -33,7 +33,8 @@ def test_bad_arguments_exit_2_with_one_line(args, words, capsys, monkeypatch):
 
 
 def test_a_server_process_answers_and_drains_on_sigterm(tmp_path):
-    base = write_tiny_chat_model(tmp_path / "base")
+    # 24 layers: a 200-token request runs long enough (a second or more) to be caught running.
+    base = write_tiny_chat_model(tmp_path / "base", layers=24)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -62,8 +63,10 @@ def test_a_server_process_answers_and_drains_on_sigterm(tmp_path):
             )
         )
         client.start()
-        time.sleep(0.2)
-        assert client.is_alive()  # the request is running when the signal comes
+        # The signal comes while the request runs: the server reports it running first.
+        while httpx.get(url + "/health", timeout=2).json()["running"] == 0:
+            assert client.is_alive(), "the long request ended before the server reported it"
+            time.sleep(0.005)
         proc.send_signal(signal.SIGTERM)
         client.join(120)
         assert result["r"].status_code == 200  # drained: the running request finished
