@@ -206,3 +206,19 @@ def test_generate_uses_the_adapter(tmp_path, capsys):
     net, tok = load_for_inference(adapter=str(adapter))
     expected = generate(net, tok, ["name a colour"], max_new_tokens=6)[0]
     assert tuned == f"### name a colour\n{expected}\n\n" and tuned != base
+
+
+def test_a_command_prints_nothing_but_its_own_output():
+    """No library's import-time notice (torchao's "Failed to load ..." lines, torch's pytree
+    warnings) reaches the user's terminal: a fresh process's --help writes nothing to stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "export", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0 and "--format" in proc.stdout
+    assert proc.stderr == ""

@@ -1,7 +1,14 @@
 """Quantized frozen weights for QLoRA: `QuantizedLinear` (NF4 or int8) and the backends that
 store and dequantize them (bitsandbytes, torchao), picked per device by measurement."""
 
-from lorafit.quant.backends import PREFERRED, SCHEMES, Backend, backends_for, pick_backend
+from lorafit.quant.backends import (
+    PREFERRED,
+    SCHEMES,
+    Backend,
+    backends_for,
+    import_libraries_quietly,
+    pick_backend,
+)
 from lorafit.quant.linear import (
     QuantizedLinear,
     dequantize_model,
@@ -10,6 +17,11 @@ from lorafit.quant.linear import (
     quantize_model,
     quantized_modules,
 )
+
+# Every lorafit import passes here before transformers is imported (the tuner imports it);
+# transformers imports torchao itself when installed, which would print its kernel notices
+# ("Failed to load ..._C_mxfp8...so") on every `lorafit` command.
+import_libraries_quietly()
 
 __all__ = [
     "PREFERRED",

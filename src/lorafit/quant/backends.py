@@ -34,7 +34,7 @@ and plain values (shapes, block sizes)."""
 # On import, torchao logs each optional CUDA kernel library a CPU build cannot load, torch logs a
 # deprecation for torchao's enum registrations, and bitsandbytes logs that a kernel it would fetch
 # from the Hub is absent. None of these kernels is one lorafit uses; the lines only alarm users.
-_NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+_NOISY_LOGGERS = ("torchao", "bitsandbytes", "kernels", "torch.utils._pytree")
 
 
 def quiet_import(name: str) -> ModuleType:
