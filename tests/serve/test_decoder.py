@@ -64,10 +64,10 @@ def test_a_step_equals_the_model_forward_with_per_row_adapters(tie, adapters):
     got = Decoder(model, lean_cache).step(ids, positions, adapters)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        torch.stack(lean_cache.k), torch.stack(ref_cache.k), atol=1e-6, rtol=1e-6
+        torch.stack(lean_cache.k), torch.stack(ref_cache.k), atol=1e-4, rtol=1e-4
     )
     torch.testing.assert_close(
-        torch.stack(lean_cache.v), torch.stack(ref_cache.v), atol=1e-6, rtol=1e-6
+        torch.stack(lean_cache.v), torch.stack(ref_cache.v), atol=1e-4, rtol=1e-4
     )
     # the adapters matter: a base-only step differs on the adapter rows
     base = Decoder(model, _prefilled(model, lengths, ["__base__"] * 4)).step(

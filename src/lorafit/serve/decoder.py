@@ -15,9 +15,15 @@ and each row picks its adapter with a 0/1 mask over the n blocks:
 adapters the batch holds, static shapes, no sorting or gathering of rows. Rows whose adapter does
 not touch a projection (or base rows) get zeros there. The n * r columns are few (4 adapters of
 r=16: 64), so the extra work is small next to the base matmul. Projections that read the same
-input (q | k | v; gate | up: `weights.FUSED`) go as one: their A's stacked into one matmul (each
-member's B then takes its own slice), and their base weights as one matrix with 4-bit weights,
-so a layer makes four base matmuls and four A matmuls instead of seven.
+input (q | k | v; gate | up: `weights.FUSED`) go as one: their A's stacked into one matmul, their
+B's block-diagonal (each member's slice of x A^T feeds only its own outputs) and added to the
+base output in one `addmm`, their base weights as one matrix with 4-bit weights: a layer makes
+four base matmuls and eight small LoRA ones instead of seven and fourteen.
+
+Other per-op savings (a decoding step is hundreds of small ops, each costing microseconds of
+dispatch): RMSNorm as one `rms_norm`, the rotary embedding of all query and key heads as one
+batched matmul by a per-row rotation built once per step (`rotation`), attention by
+`scaled_dot_product_attention` (grouped-query, no mask for a lone row).
 
 The base weights come from `weights.py`: the modules' own, or 4-bit copies (`--decode-weights`).
 
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.serve.kv import KVSlots, _attend
+from lorafit.serve.kv import KVSlots
 from lorafit.serve.weights import WEIGHTS, layer_groups
 from lorafit.tuner.kinds import kind_of
 from lorafit.tuner.layer import LoraLayer
@@ -122,8 +128,10 @@ class AdapterTable:
 
 
 def _layer_factors(projections: dict[str, nn.Module], names: list[str], r: int) -> dict:
-    """{projection or FUSED group: (A (members * n * r, in), [B (out, n * r) per member]) or None}
-    for adapters `names` (in that order) of one layer; B carries the adapter's scale."""
+    """{projection or FUSED group: (A (members * n * r, in), B^T (members * n * r, out)) or None}
+    for adapters `names` (in that order) of one layer; B carries the adapter's scale. A FUSED
+    group's B^T is block-diagonal by member (each member's columns of t feed only its own
+    outputs), so the whole update is one `addmm` whatever the group."""
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # zeros where no adapter
     touched: set[str] = set()
     n = len(names)
@@ -139,9 +147,11 @@ def _layer_factors(projections: dict[str, nn.Module], names: list[str], r: int) 
                 B[:, k * r : k * r + ad.r] = (ad.B.detach() * ad.scale).to(w.dtype)
                 touched.add(p)
         blocks[p] = (A, B)
-    # a FUSED group's A's stacked (one matmul of their input), its B's one per member
     return {
-        name: (torch.cat([blocks[p][0] for p in members]), [blocks[p][1] for p in members])
+        name: (
+            torch.cat([blocks[p][0] for p in members]),
+            torch.block_diag(*[blocks[p][1] for p in members]).T.contiguous(),
+        )
         if touched & set(members)
         else None
         for name, members in layer_groups(projections).items()
@@ -149,15 +159,25 @@ def _layer_factors(projections: dict[str, nn.Module], names: list[str], r: int) 
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # exactly transformers' LlamaRMSNorm
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    # transformers' LlamaRMSNorm as one op: it normalises in fp32, rounds, then scales
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(S, d, d) matrices R with x @ R = x * cos + rotate_half(x) * sin (transformers' rotary
+    embedding, rotate_half(x) = cat(-x[half:], x[:half])) for each row's cos, sin (S, d): a
+    layer then rotates all its query and key heads in one batched matmul, the same for every
+    layer of the step."""
+    S, d = cos.shape
+    half = d // 2
+    j = torch.arange(d, device=cos.device)
+    partner = torch.where(j < half, j + half, j - half)  # rotate_half reads x[partner] into j
+    sign = torch.where(j < half, -1.0, 1.0).to(sin.dtype)
+    R = torch.diag_embed(cos)  # (S, d, d)
+    R[:, partner, j] = sign * sin
+    return R
 
 
 def _linear(x, linear, w, lora, mask) -> torch.Tensor:
@@ -166,13 +186,11 @@ def _linear(x, linear, w, lora, mask) -> torch.Tensor:
     y = linear(x, w)
     if lora is None:
         return y
-    A, Bs = lora
+    A, BT = lora
     t = F.linear(x, A)  # (S, members * n r)
     if mask is not None:
         t = t * mask
-    if len(Bs) == 1:
-        return y + F.linear(t, Bs[0])
-    return y + torch.cat([F.linear(c, B) for c, B in zip(t.chunk(len(Bs), -1), Bs)], -1)
+    return torch.addmm(y, t, BT)
 
 
 def decode_layer(
@@ -182,12 +200,13 @@ def decode_layer(
     lora: dict,  # the layer's factors (AdapterTable)
     norms: tuple,  # (input norm weight, eps, post-attention norm weight, eps)
     masks: tuple,  # (mask, mask of 2 groups, mask of 3 groups), or Nones
-    cos: torch.Tensor,  # (S, 1, d)
-    sin: torch.Tensor,
+    rot: torch.Tensor,  # (S, d, d): each row's rotary embedding (`rotation`)
     k_cache: torch.Tensor,  # (slots, kv heads, max_len, d)
     v_cache: torch.Tensor,
+    rows: torch.Tensor,  # (S,) arange: the rows' cache slots
     positions: torch.Tensor,  # (S,)
-    attend_mask: torch.Tensor,  # (S, 1, 1, L)
+    attend_mask: torch.Tensor | None,  # (S, 1, 1, L); None: one row, which sees all L
+    k_len: int,  # L: the longest row's positions so far + 1
     scaling: float,
     dims: tuple[int, int, int],  # (heads, kv heads, head dim)
 ) -> torch.Tensor:
@@ -195,28 +214,31 @@ def decode_layer(
     numbers and the `linear` function come in (no modules, no layer index), so one compiled graph
     serves every layer."""
     heads, kv_heads, head_dim = dims
-    S, L = h.shape[0], attend_mask.shape[-1]
+    S, L = h.shape[0], k_len
     mask, mask2, mask3 = masks
     x = _rms(h, norms[0], norms[1])
     qkv = _linear(x, linear, w["qkv"], lora["qkv"], mask3)  # (S, (H + 2 Hkv) d)
-    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), -1)
-    q = q.reshape(S, heads, head_dim)
-    k, v = k.reshape(S, kv_heads, head_dim), v.reshape(S, kv_heads, head_dim)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    slots = torch.arange(S, device=h.device)
-    k_cache[slots, :, positions] = k
-    v_cache[slots, :, positions] = v
-    out = _attend(
-        q[:, :, None], k_cache[:S, :, :L], v_cache[:S, :, :L], scaling, attend_mask
-    )  # (S, 1, H, d)
+    qk_width = (heads + kv_heads) * head_dim
+    qk = torch.bmm(qkv[:, :qk_width].reshape(S, heads + kv_heads, head_dim), rot)  # rotary
+    q, k = qk[:, :heads], qk[:, heads:]
+    v = qkv[:, qk_width:].reshape(S, kv_heads, head_dim)
+    k_cache[rows, :, positions] = k
+    v_cache[rows, :, positions] = v
+    out = F.scaled_dot_product_attention(
+        q[:, :, None],
+        k_cache[:S, :, :L],
+        v_cache[:S, :, :L],
+        attn_mask=attend_mask,
+        scale=scaling,
+        enable_gqa=heads != kv_heads,
+    )  # (S, H, 1, d)
     h = h + _linear(out.reshape(S, heads * head_dim), linear, w["o_proj"], lora["o_proj"], mask)
     x = _rms(h, norms[2], norms[3])
     gate, up = _linear(x, linear, w["gate_up"], lora["gate_up"], mask2).chunk(2, -1)
     return h + _linear(F.silu(gate) * up, linear, w["down_proj"], lora["down_proj"], mask)
 
 
-def decode_layers(linear, h, weights, factors, norms, masks, cos, sin, k_cache, v_cache, *rest):
+def decode_layers(linear, h, weights, factors, norms, masks, rot, k_cache, v_cache, *rest):
     """`decode_layer` for every layer in turn (what `--compile` compiles: one graph of them all)."""
     for i, layer_norms in enumerate(norms):
         h = decode_layer(
@@ -226,8 +248,7 @@ def decode_layers(linear, h, weights, factors, norms, masks, cos, sin, k_cache, 
             factors[i],
             layer_norms,
             masks,
-            cos,
-            sin,
+            rot,
             k_cache[i],
             v_cache[i],
             *rest,
@@ -302,12 +323,14 @@ class Decoder:
         factors, mask = self.table.select(adapters, p.dtype, p.device)
         masks = (None,) * 3 if mask is None else (mask, mask.repeat(1, 2), mask.repeat(1, 3))
         longest = int(positions.max()) + 1
-        span = torch.arange(longest, device=positions.device)
-        attend = (span[None, :] <= positions[:, None])[:, None, None, :]  # (S, 1, 1, L)
+        attend = None  # one row attends to every position up to its own
+        if len(adapters) > 1:
+            span = torch.arange(longest, device=positions.device)
+            attend = (span[None, :] <= positions[:, None])[:, None, None, :]  # (S, 1, 1, L)
         body = self.model.model
         h = body.embed_tokens(ids)  # (S, hidden)
         cos, sin = body.rotary_emb(h, positions[None])  # (1, S, d)
-        cos, sin = cos[0][:, None], sin[0][:, None]  # (S, 1, d)
+        rot = rotation(cos[0], sin[0])
         scaling = body.layers[0].self_attn.scaling
         h = self._layers(
             self.weights.linear,
@@ -316,12 +339,13 @@ class Decoder:
             factors,
             self.norms,
             masks,
-            cos,
-            sin,
+            rot,
             self.cache.k,
             self.cache.v,
+            torch.arange(len(adapters), device=positions.device),
             positions,
             attend,
+            longest,
             scaling,
             self.dims,
         )
