@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import Future
 from pathlib import Path
 
-from lorafit.serve.engine import Engine, Request
+from lorafit.serve.engine import Engine, Request, free_openmp_pool
 from lorafit.serve.registry import AdapterError, Registry
 
 __all__ = ["AdapterError", "Engine", "Registry", "Request", "build", "complete", "serve"]
@@ -152,4 +152,5 @@ def serve(
     names = ", ".join(m["id"] for m in registry.models())
     auth = "API key required" if api_key else "no API key: bound to loopback only"
     print(f"lorafit serve on http://{host}:{port}/v1 ({auth}); models: {names}", file=sys.stderr)
+    free_openmp_pool()  # this thread now only serves HTTP; the engine thread computes
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
