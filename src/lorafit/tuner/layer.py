@@ -137,6 +137,10 @@ class LoraLayer(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not (self.disabled or args or kwargs):
+            one = self._with_branch(x)
+            if one is not None:
+                return one
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or not self.adapters:
             return result
@@ -149,6 +153,24 @@ class LoraLayer(nn.Module):
                 continue
             result = result + self.adapter_out(self.adapters[name], x, base_out)
         return result
+
+    def _with_branch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base op and the one active plain adapter's branch as one (the kind's
+        `with_branch`), or None: several adapters, per-row adapters, dropout in training, a
+        variant (DoRA) or a per-output scale, or a kind without that form."""
+        if len(self.active) != 1 or current_rows() is not None:
+            return None
+        name = self.active[0]
+        ad = self.adapters[name] if name in self.adapters else None
+        if (
+            ad is None
+            or name in self.merged
+            or ad.variants
+            or torch.is_tensor(ad.scale)
+            or (ad.dropout > 0 and self.training and self.kind.dropout)
+        ):
+            return None
+        return self.kind.with_branch(self.base_layer, x, ad.A, ad.B, ad.scale)
 
     def _forward_rows(self, x: torch.Tensor, result: torch.Tensor, rows: Rows) -> torch.Tensor:
         """A mixed batch: row i gets adapter rows.names[i] ("__base__": none)."""

@@ -126,6 +126,14 @@ class LayerKind(Registered):
         """The base module's op run with the out-major weight `w` instead of its own."""
         raise NotImplementedError
 
+    def with_branch(
+        self, module: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        """module(x) + scale * B(A(x)) computed as one (A, B: the adapter's own parameters,
+        uncast), or None where this kind (or this module) has no such form and the layer adds
+        `branch` to the module's output itself."""
+        return None
+
     def per_output(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A per-output-feature vector (out,) shaped to broadcast over the module's output."""
         return v  # output features are the last dim
