@@ -147,3 +147,15 @@ def test_a_model_trains_to_the_same_loss_and_gradients(monkeypatch):
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
     for name, g in want_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_fp32_weights_under_bf16_autocast_keep_autocasts_casts(monkeypatch):
+    """An fp32 base trained under bf16 autocast: F.linear casts to bf16 there, so the layer keeps
+    the separate form (same dtypes and values as without the one-op form)."""
+    x = torch.randn(3, 24)
+    calls = _counting(monkeypatch)
+    got = _run(_layer(True), x, torch.bfloat16)
+    assert not calls and got[0].dtype == torch.bfloat16
+    _unfused(monkeypatch)
+    want = _run(_layer(True), x, torch.bfloat16)
+    torch.testing.assert_close(got[0], want[0])

@@ -41,7 +41,11 @@ class LinearKind(LayerKind):
             type(module).forward is not nn.Linear.forward  # a subclass computing something else
             or module._forward_hooks
             or module._forward_pre_hooks
-            or x.dtype != w.dtype  # autocast would cast here: leave it to F.linear
+            or x.dtype != w.dtype
+            or (  # autocast would compute in another dtype: leave it to F.linear
+                torch.is_autocast_enabled(x.device.type)
+                and torch.get_autocast_dtype(x.device.type) != x.dtype
+            )
         ):
             return None
         return _LinearWithBranch.apply(x, w, module.bias, A, B, scale)
