@@ -49,8 +49,8 @@ def child_engine(weights: str, adapter: str | None, tokens: int) -> float:
 
     def run(n: int) -> float:
         done = threading.Event()
-        req = Request(ids, registry.resolve(name), lambda e: e[0] != "text" and done.set(), n)
-        req.ignore_eos = True
+        finished = lambda e: e[0] != "text" and done.set()  # noqa: E731
+        req = Request(ids, registry.resolve(name), finished, n, ignore_eos=True)
         t = time.perf_counter()
         registry.engine.submit(req)
         done.wait()

@@ -81,7 +81,7 @@ class _LinearWithBranch(torch.autograd.Function):
         gt = g.mm(Bc)  # (N, r)
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
-            gx = g.mm(w.to(g.dtype)).addmm_(gt, Ac).reshape(ctx.x_shape)
+            gx = g.mm(w).addmm_(gt, Ac).reshape(ctx.x_shape)  # g, w: x's dtype
         if ctx.needs_input_grad[3]:
             gA = gt.T.mm(x2).to(ctx.dtypes[0])  # (r, in)
         if ctx.needs_input_grad[4]:
