@@ -88,15 +88,25 @@ def _assert_same(a, b, tol):
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(precision, checkpointing):
+    """fp32: the same numbers. bf16 (where padding-free rows run `causal_attention`, padded ones
+    SDPA's math kernel): as close to the fp32 gradients as the padded batch's, tensor by tensor."""
     examples = _examples()
     padded = _grads(tiny_llama, CausalLMCollator(0)(examples), precision, checkpointing)
     flat = CausalLMCollator(0, padding_free=True)(examples)
     assert flat["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
-    _assert_same(
-        _grads(tiny_llama, flat, precision, checkpointing),
-        padded,
-        1e-5 if precision == "fp32" else 2e-2,
-    )
+    flat = _grads(tiny_llama, flat, precision, checkpointing)
+    if precision == "fp32":
+        _assert_same(flat, padded, 1e-5)
+        return
+    exact = _grads(tiny_llama, CausalLMCollator(0)(examples), "fp32", checkpointing)
+    assert flat[0] == pytest.approx(exact[0], rel=1e-3)
+    errors = {  # relative error of each gradient: (padding-free, padded)
+        k: tuple(float((run[1][k] - g).norm() / g.norm()) for run in (flat, padded))
+        for k, g in exact[1].items()
+    }
+    mean_flat, mean_padded = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
+    assert mean_flat <= 1.25 * mean_padded
+    assert all(f <= 2 * p + 1e-3 for f, p in errors.values()), errors  # rounding, not a wrong term
 
 
 def test_padding_free_row_keeps_documents_apart():

@@ -21,6 +21,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from lorafit.ops import causal_attention
+
 MATH_MAX_SCORES = 1 << 21
 """Largest batch x heads x T^2 that runs the math kernel on CPU (B=8, 9 heads, T=160 is 1.84M)."""
 
@@ -48,8 +50,9 @@ class Documents:
     Built once per forward from the documents' lengths and passed as `lorafit_attention`. Its
     tokens are gathered into a padded (D, heads, longest, d) batch — slots past a document's end
     repeat its first token: right padding under a causal mask, which no real token sees — one SDPA
-    call runs with is_causal (the math kernel while the scores are small on CPU, as
-    `attention_kernel` picks), and the real tokens are scattered back."""
+    call runs with is_causal (bf16 on CPU: `causal_attention`, flash forward + a lean backward;
+    otherwise SDPA, the math kernel while the scores are small on CPU, as `attention_kernel`
+    picks), and the real tokens are scattered back."""
 
     def __init__(self, doc_lens: torch.Tensor):
         lens = doc_lens.to("cpu", torch.long)
@@ -71,6 +74,10 @@ class Documents:
     def attend(self, module: nn.Module, query, key, value, scaling, dropout=0.0):
         q, k, v = (self._padded(t) for t in (query, key, value))  # (D, heads, L, d)
         heads = q.shape[1]
+        p = dropout if module.training else 0.0
+        if q.dtype == torch.bfloat16 and causal_attention.supports(q, k, p):
+            out = causal_attention.causal_attention(q, k, v, scaling or q.shape[-1] ** -0.5)
+            return self._unpadded(out)
         small = (
             query.device.type == "cpu" and self.count * heads * self.longest**2 <= MATH_MAX_SCORES
         )
@@ -79,13 +86,17 @@ class Documents:
                 q,
                 k,
                 v,
-                dropout_p=dropout if module.training else 0.0,
+                dropout_p=p,
                 is_causal=True,
                 scale=scaling,
                 enable_gqa=k.shape[1] != heads,
             )  # (D, heads, L, d)
-        out = out.transpose(1, 2).reshape(self.count * self.longest, heads, -1)
-        return out.index_select(0, self.scatter).unsqueeze(0)  # (1, N, heads, d)
+        return self._unpadded(out)
+
+    def _unpadded(self, out: torch.Tensor) -> torch.Tensor:
+        """(D, heads, longest, d) -> (1, N, heads, d)."""
+        out = out.transpose(1, 2).reshape(self.count * self.longest, out.shape[1], -1)
+        return out.index_select(0, self.scatter).unsqueeze(0)
 
 
 def lorafit_attention(

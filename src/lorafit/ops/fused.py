@@ -113,6 +113,27 @@ def rms_norm_weight_grad(x: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) 
     return (dy.to(n.dtype) * n).reshape(-1, n.shape[-1]).sum(0)
 
 
+# -------------------------------------------------------------------- causal attention --
+@fused
+def attention_grad_scores(
+    s: torch.Tensor,
+    dp: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    T: int,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention's backward between its matmuls, in one pass: from the raw scores s = q k^T
+    and dp = dO v^T (n, G*T, T) (fp32) and each row's log-sum-exp (n, G*T, 1), the probabilities
+    p = exp(s * scale - lse) (zero above the diagonal; row r is query position r mod T) and the
+    scores' gradient p * (dp - rowsum(p * dp)) * scale, both in out_dtype."""
+    rows = torch.arange(s.shape[1], device=s.device) % T
+    keep = rows[:, None] >= torch.arange(s.shape[2], device=s.device)[None, :]
+    p = torch.where(keep, torch.exp(s * scale - lse), 0.0)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
+    return p.to(out_dtype), ds.to(out_dtype)
+
+
 # ------------------------------------------------------------------------- cross-entropy --
 @fused
 def cross_entropy_grad(
