@@ -21,7 +21,11 @@ def test_smoke_measures_every_path_with_and_without_an_adapter():
         [sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    for row in ("lorafit generate (transformers", "--decode-weights float", "--decode-weights int4"):
+    for row in (
+        "lorafit generate (transformers",
+        "--decode-weights float",
+        "--decode-weights int4",
+    ):
         line = next(x for x in out.stdout.splitlines() if x.startswith("| ") and row in x)
         speeds = re.findall(r"\| (\d+\.\d) \|", line)
         assert len(speeds) == 2 and all(float(s) > 0 for s in speeds), line

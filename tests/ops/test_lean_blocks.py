@@ -29,9 +29,8 @@ def test_patched_model_same_loss_and_adapter_grads(autocast):
         inject(model, LoraConfig(r=4, target_modules="all-linear"))
         randomize_adapters(model)
         if patch:
-            assert (
-                patch_model(model) == 2 * 2 + 1 + 2
-            )  # 2 norms + 1 MLP per layer, and the final norm
+            # 2 norms + 1 MLP + 1 attention (q / k / v as one op) per layer, and the final norm
+            assert patch_model(model) == 2 * 2 + 2 + 2 + 1
         model.train()
         ids = model_input("llama")["input_ids"]
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

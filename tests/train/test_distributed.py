@@ -63,7 +63,9 @@ def _losses(run: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in _rows(run) if key in r}
 
 
-def _assert_close_runs(a: Path, b: Path, steps=None, rel=1e-5, adapter_rel=None):
+def _assert_close_runs(
+    a: Path, b: Path, steps=None, rel=1e-5, adapter_rel=None, adapter_norm_rel=None
+):
     la, lb = _losses(a), _losses(b)
     steps = steps or sorted(la)
     assert steps and all(s in lb for s in steps), (sorted(la), sorted(lb))
@@ -75,6 +77,10 @@ def _assert_close_runs(a: Path, b: Path, steps=None, rel=1e-5, adapter_rel=None)
     tb = load_file(b / "adapter" / "adapter_model.safetensors")
     assert ta.keys() == tb.keys()
     for k in ta:
+        if adapter_norm_rel is not None:  # the tensor as a whole: robust to single elements
+            err = float((ta[k] - tb[k]).norm() / (ta[k].norm() or 1.0))
+            assert err <= adapter_norm_rel, (k, err)
+            continue
         scale = float(ta[k].abs().max()) or 1.0
         assert float((ta[k] - tb[k]).abs().max()) <= (adapter_rel or rel) * scale, k
 
@@ -246,6 +252,11 @@ def test_ddp_trains_on_a_quantized_base_like_one_process(chat_setup, tmp_path):
         config.write_text(yaml.safe_dump(cfg))
         _train(config, nproc=nproc)
         runs[nproc] = tmp_path / f"int8_{nproc}"
-    # int8 layers compute in bf16: its rounding differs with how rows are split, and 10 Adam
-    # steps carry it into the adapter (measured: losses 3e-5, adapter 4e-3 of its largest value)
-    _assert_close_runs(runs[1], runs[2], rel=1e-3, adapter_rel=2e-2)
+    # int8 layers compute in bf16: its rounding differs with how rows are split (each rank pads
+    # its own documents for attention), and 10 Adam steps carry it into the adapter, most into
+    # single elements whose gradient is near zero (measured: losses 3e-5; the largest element
+    # difference 4e-3 of a tensor's largest value with SDPA's math kernel, 6e-2 with bf16
+    # `causal_attention`), so the adapters are compared tensor by tensor in norm (measured: at
+    # most 5e-3 with the math kernel, 1.5e-2 with `causal_attention`, whose rounding depends more
+    # on the padded length); a lost or doubled gradient reduction moves them by their own size
+    _assert_close_runs(runs[1], runs[2], rel=1e-3, adapter_norm_rel=3e-2)

@@ -35,6 +35,25 @@ def test_without_lora_plus_every_parameter_has_the_same_rate():
     assert {g["weight_decay"] for g in opt.param_groups} == {0.1}
 
 
+def test_plain_cpu_tensors_get_the_fused_adamw_which_steps_as_the_default_one():
+    model = _lora_model()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt = build_optimizer(model, TrainOptions(lr=1e-2, weight_decay=0.1))
+    assert all(g["fused"] for g in opt.param_groups)
+    params = [p for p in model.parameters() if p.requires_grad]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    for c, p in zip(copies, params):
+        c.grad = p.grad.clone()
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        opt.step()
+        plain.step()
+    for c, p in zip(copies, params):
+        torch.testing.assert_close(p, c, rtol=1e-5, atol=1e-6)
+
+
 def test_nothing_to_train_is_an_error():
     with pytest.raises(ValueError, match="nothing to train"):
         build_optimizer(tiny_llama().requires_grad_(False), TrainOptions())

@@ -11,6 +11,13 @@ shared). Two common ops keep far more than they need:
 - The SwiGLU output h feeds down_proj, whose LoRA A-gradient needs h, so autograd keeps h too
   (1,536 values per token per layer). `recompute_swiglu` stores a recipe instead (gate and up,
   which the SwiGLU backward keeps anyway) and recomputes h, an element-wise op, when backward asks.
+- The projections that read one input (an attention block's q / k / v, an MLP's gate / up), each
+  LoRA'd with one plain adapter, run as one op (`tuner.shared_input_forward`: one matmul by their
+  joined frozen weights, one by their stacked A's, one block-diagonal B update; in backward one
+  input-gradient matmul and no sum of three): fewer, larger matmuls and no per-projection passes.
+  The attention forward is transformers' own for Llama / Mistral / Qwen2 / Qwen3 with the three
+  projection calls replaced (`_attention_forward`); a call it does not cover (a KV cache) runs the
+  original.
 All give the same numbers as the transformers code under autocast (the casts happen where
 autocast would do them). `patch_model` swaps them in for modules it recognises and leaves any
 other module alone.
@@ -18,12 +25,14 @@ other module alone.
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
 from torch import nn
 
 from lorafit.ops import fused
+from lorafit.tuner.layer import join_shared_input, shared_input_forward
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -72,8 +81,63 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def _gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pair = shared_input_forward((mlp.gate_proj, mlp.up_proj), x)
+    return pair if pair is not None else (mlp.gate_proj(x), mlp.up_proj(x))
+
+
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(swiglu(*_gate_up(self, x)))
+
+
+_SLIDING_WINDOW = {  # the one argument the families' attention forwards differ in
+    "LlamaAttention": lambda m: {},
+    "MistralAttention": lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)},
+    "Qwen2Attention": lambda m: {"sliding_window": m.sliding_window},
+    "Qwen3Attention": lambda m: {"sliding_window": m.sliding_window},
+}
+
+
+def _attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs
+):
+    """transformers' attention forward of these families (q_norm / k_norm where the module has
+    them) with q / k / v from one `shared_input_forward`; the original when that does not apply
+    or a cache is passed."""
+    qkv = None
+    if cache is None and "past_key_values" not in kwargs and position_embeddings is not None:
+        qkv = shared_input_forward((self.q_proj, self.k_proj, self.v_proj), hidden_states)
+    if qkv is None:
+        return type(self).forward(
+            self,
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+    family = sys.modules[type(self).__module__]
+    input_shape = hidden_states.shape[:-1]
+    q, k, v = (t.view(*input_shape, -1, self.head_dim) for t in qkv)
+    if getattr(self, "q_norm", None) is not None:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = family.apply_rotary_pos_emb(q, k, *position_embeddings)
+    attend = family.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, family.eager_attention_forward
+    )
+    out, weights = attend(
+        self,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **_SLIDING_WINDOW[type(self).__name__](self),
+        **kwargs,
+    )
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 class _Recompute:
@@ -91,7 +155,7 @@ class _Recompute:
 
 
 def _mlp_forward_recompute(self, x: torch.Tensor) -> torch.Tensor:
-    gate, up = self.gate_proj(x), self.up_proj(x)
+    gate, up = _gate_up(self, x)
     h = swiglu(gate, up)
     if not (torch.is_grad_enabled() and h.requires_grad and h.is_contiguous()):
         return self.down_proj(h)
@@ -144,6 +208,20 @@ def patch_model(model: nn.Module, recompute_swiglu: bool = False) -> int:
             module.forward = types.MethodType(_norm_forward, module)
             count += 1
         elif _is_swiglu_mlp(module):
+            join_shared_input((module.gate_proj, module.up_proj))
             module.forward = types.MethodType(mlp_forward, module)
             count += 1
+        elif _is_attention(module) and join_shared_input(
+            (module.q_proj, module.k_proj, module.v_proj)
+        ):
+            module.forward = types.MethodType(_attention_forward, module)
+            count += 1
     return count
+
+
+def _is_attention(module: nn.Module) -> bool:
+    family = sys.modules.get(type(module).__module__)
+    return type(module).__name__ in _SLIDING_WINDOW and all(
+        hasattr(family, n)
+        for n in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
+    )

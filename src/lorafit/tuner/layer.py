@@ -156,9 +156,17 @@ class LoraLayer(nn.Module):
 
     def _with_branch(self, x: torch.Tensor) -> torch.Tensor | None:
         """The base op and the one active plain adapter's branch as one (the kind's
-        `with_branch`), or None: several adapters, per-row adapters, dropout in training, a
-        variant (DoRA) or a per-output scale, or a kind without that form."""
-        if len(self.active) != 1 or current_rows() is not None:
+        `with_branch`), or None: see `one_branch`."""
+        factors = self.one_branch()
+        if factors is None:
+            return None
+        return self.kind.with_branch(self.base_layer, x, *factors)
+
+    def one_branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, scale) when this layer's output is its base op plus one plain LoRA branch;
+        None for several adapters, per-row adapters, dropout in training, a variant (DoRA), a
+        per-output scale, or a disabled / merged adapter."""
+        if len(self.active) != 1 or self.disabled or current_rows() is not None:
             return None
         name = self.active[0]
         ad = self.adapters[name] if name in self.adapters else None
@@ -170,7 +178,7 @@ class LoraLayer(nn.Module):
             or (ad.dropout > 0 and self.training and self.kind.dropout)
         ):
             return None
-        return self.kind.with_branch(self.base_layer, x, ad.A, ad.B, ad.scale)
+        return ad.A, ad.B, ad.scale
 
     def _forward_rows(self, x: torch.Tensor, result: torch.Tensor, rows: Rows) -> torch.Tensor:
         """A mixed batch: row i gets adapter rows.names[i] ("__base__": none)."""
@@ -256,3 +264,28 @@ class LoraLayer(nn.Module):
             W = ad.update.unmerge(self, ad, W, ad.merge_state)
             ad.merge_state = None
         self.write_weight(W)
+
+
+# ---------------------------------------------------------------- layers sharing one input --
+def join_shared_input(layers: Sequence[nn.Module]) -> bool:
+    """Prepare LoRA layers that always read the same input (a block's q / k / v, an MLP's gate /
+    up) for `shared_input_forward`: their kind joins the frozen base weights into one tensor."""
+    if len(layers) < 2 or not all(isinstance(m, LoraLayer) for m in layers):
+        return False
+    if len({m.kind for m in layers}) != 1:
+        return False
+    return layers[0].kind.join([m.base_layer for m in layers])
+
+
+def shared_input_forward(
+    layers: Sequence[nn.Module], x: torch.Tensor
+) -> tuple[torch.Tensor, ...] | None:
+    """(layer(x) for layer in layers) computed as one op (the kind's `group_with_branch`), or
+    None, when any of them is not a base op plus one plain branch right now: the caller then
+    calls each layer."""
+    if not all(isinstance(m, LoraLayer) for m in layers):
+        return None
+    factors = [m.one_branch() for m in layers]
+    if any(f is None for f in factors):
+        return None
+    return layers[0].kind.group_with_branch([m.base_layer for m in layers], x, factors)

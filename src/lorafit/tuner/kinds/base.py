@@ -14,6 +14,7 @@ attributes (in_features, num_embeddings, kernel_size, ...), never guessed from t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -132,6 +133,20 @@ class LayerKind(Registered):
         """module(x) + scale * B(A(x)) computed as one (A, B: the adapter's own parameters,
         uncast), or None where this kind (or this module) has no such form and the layer adds
         `branch` to the module's output itself."""
+        return None
+
+    def join(self, modules: Sequence[nn.Module]) -> bool:
+        """Make the frozen weights of modules that read the same input (q / k / v; gate / up) row
+        blocks of one tensor, so `group_with_branch` multiplies by all of them at once; False
+        (nothing changed) where this kind or these modules have no such form."""
+        return False
+
+    def group_with_branch(
+        self, modules: Sequence[nn.Module], x: torch.Tensor, factors: Sequence[tuple]
+    ) -> tuple[torch.Tensor, ...] | None:
+        """`with_branch` of every module of a `join`ed group on the same x, as one op (factors:
+        (A, B, scale) per module), or None where it does not apply now: each module is then
+        called on its own."""
         return None
 
     def per_output(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

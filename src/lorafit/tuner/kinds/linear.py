@@ -36,23 +36,68 @@ class LinearKind(LayerKind):
         return F.linear(x, w.to(module.weight.dtype), b)  # (..., out)
 
     def with_branch(self, module: nn.Linear, x, A, B, scale: float) -> torch.Tensor | None:
-        w = module.weight
-        if (
-            type(module).forward is not nn.Linear.forward  # a subclass computing something else
-            or module._forward_hooks
-            or module._forward_pre_hooks
-            or x.dtype != w.dtype
-            or (  # autocast would compute in another dtype: leave it to F.linear
-                torch.is_autocast_enabled(x.device.type)
-                and torch.get_autocast_dtype(x.device.type) != x.dtype
-            )
-        ):
+        if not _one_op(module, x):
             return None
-        return _LinearWithBranch.apply(x, w, module.bias, A, B, scale)
+        return _LinearWithBranch.apply(x, module.weight, module.bias, A, B, scale)
+
+    def join(self, modules) -> bool:
+        first = modules[0]
+        if len(modules) < 2 or not all(
+            type(m).forward is nn.Linear.forward
+            and m.in_features == first.in_features
+            and (m.bias is None) == (first.bias is None)
+            for m in modules
+        ):
+            return False
+        tensors = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
+        if (
+            any(t.requires_grad or type(t.data) is not torch.Tensor for t in tensors)
+            or len({(t.dtype, t.device) for t in tensors}) != 1
+        ):
+            return False
+        with torch.no_grad():
+            weight = torch.cat([m.weight for m in modules])  # (sum out, in)
+            bias = torch.cat([m.bias for m in modules]) if first.bias is not None else None
+        start = 0
+        for m in modules:
+            stop = start + m.out_features
+            m.weight.data = weight[start:stop]
+            if bias is not None:
+                m.bias.data = bias[start:stop]
+            start = stop
+        first._lorafit_joined = (weight, bias, tuple(m.out_features for m in modules))
+        return True
+
+    def group_with_branch(self, modules, x, factors):
+        joined = getattr(modules[0], "_lorafit_joined", None)
+        if joined is None or not all(_one_op(m, x) for m in modules):
+            return None
+        weight, bias, sizes = joined
+        start = 0
+        for m, size in zip(modules, sizes, strict=True):  # still views of the joined tensor
+            if m.weight.data_ptr() != weight[start].data_ptr() or m.out_features != size:
+                return None
+            start += size
+        As, Bs, scales = zip(*factors)
+        return _LinearGroupWithBranch.apply(x, weight, bias, sizes, scales, *As, *Bs)
 
     def probe(self, module: nn.Linear, gen: torch.Generator) -> torch.Tensor:
         w = module.weight
         return torch.randn(8, module.in_features, generator=gen).to(w.device, w.dtype)  # (8, in)
+
+
+def _one_op(module: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether module(x) is F.linear(x, weight, bias) in x's dtype, as the one-op forms compute."""
+    return not (
+        type(module).forward is not nn.Linear.forward  # a subclass computing something else
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or x.dtype != module.weight.dtype
+        or (  # autocast would compute in another dtype: leave it to F.linear
+            torch.is_autocast_enabled(x.device.type)
+            and torch.get_autocast_dtype(x.device.type) != x.dtype
+        )
+    )
 
 
 class _LinearWithBranch(torch.autograd.Function):
@@ -90,3 +135,58 @@ class _LinearWithBranch(torch.autograd.Function):
 
 
 LINEAR = register_kind(LinearKind())
+
+
+class _LinearGroupWithBranch(torch.autograd.Function):
+    """`_LinearWithBranch` of k nn.Linears that read the same x and whose weights are row blocks
+    of one (sum out, in) tensor (`LinearKind.join`): one matmul by the joined weight, one by the
+    stacked A's (k r, in), and one `addmm_` of the B's as a block-diagonal (sum out, k r) matrix;
+    in backward one matmul of the outputs' gradients side by side for the input gradient (plus
+    one for the branches) and one for all the A gradients. The outputs are column blocks of one
+    (tokens, sum out) tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes, scales, *factors):
+        k = len(sizes)
+        As, Bs = factors[:k], factors[k:]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        ranks = [a.shape[0] for a in As]
+        Ac = torch.cat(As).to(x.dtype)  # (k r, in)
+        Bd = x.new_zeros(sum(sizes), sum(ranks))  # block-diagonal (sum out, k r)
+        o = c = 0
+        for B, s, n, r in zip(Bs, scales, sizes, ranks):
+            Bd[o : o + n, c : c + r] = B * s
+            o, c = o + n, c + r
+        t = F.linear(x2, Ac)  # (N, k r)
+        y = F.linear(x2, weight, bias).addmm_(t, Bd.T)  # (N, sum out)
+        ctx.save_for_backward(x2, weight, t, Ac, Bd)
+        ctx.sizes, ctx.ranks, ctx.scales, ctx.x_shape = sizes, ranks, scales, x.shape
+        ctx.dtypes = [a.dtype for a in As] + [b.dtype for b in Bs]
+        return tuple(part.view(*x.shape[:-1], n) for part, n in zip(y.split(sizes, 1), sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, weight, t, Ac, Bd = ctx.saved_tensors
+        N = x2.shape[0]
+        g = torch.cat(  # (N, sum out); an output that got no gradient contributes zeros
+            [
+                gi.reshape(N, n) if gi is not None else x2.new_zeros(N, n)
+                for gi, n in zip(grads, ctx.sizes)
+            ],
+            1,
+        )
+        gt = g.mm(Bd)  # (N, k r)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = g.mm(weight).addmm_(gt, Ac).reshape(ctx.x_shape)
+        k = len(ctx.sizes)
+        gA = [None] * k
+        if any(ctx.needs_input_grad[5 : 5 + k]):
+            gA = [p.to(dt) for p, dt in zip(gt.T.mm(x2).split(ctx.ranks), ctx.dtypes)]
+        gB = [None] * k
+        o = c = 0
+        for i, (n, r, scale) in enumerate(zip(ctx.sizes, ctx.ranks, ctx.scales)):
+            if ctx.needs_input_grad[5 + k + i]:
+                gB[i] = (g[:, o : o + n].T.mm(t[:, c : c + r]) * scale).to(ctx.dtypes[k + i])
+            o, c = o + n, c + r
+        return (gx, None, None, None, None, *gA, *gB)
