@@ -51,9 +51,11 @@ def quiet_import(name: str) -> ModuleType:
 
 
 def import_libraries_quietly() -> None:
-    """Import the installed quantization libraries now, silenced: transformers imports torchao
-    itself when it is installed (for its own quantizers), and would let the notices through."""
-    for name in ("torchao", "bitsandbytes", "transformers.quantizers"):
+    """Import, silenced, the quantization modules transformers imports by itself when it builds
+    any model (torchao, when installed, for its own quantizers), which would let the notices
+    through. bitsandbytes is not among them: its backends import it (quietly) when used, so a
+    run without it does not carry its ~50 MB."""
+    for name in ("torchao", "transformers.quantizers"):
         if importlib.util.find_spec(name.partition(".")[0]) is not None:
             quiet_import(name)
 
