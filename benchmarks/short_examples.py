@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     if not args.smoke and args.rounds:
         RESULTS.mkdir(exist_ok=True)
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "short_examples.md").write_text(text)
+        Path(args.out, "short_examples.md").write_text(text)
         raw = {k: {str(s): v for s, v in r.items()} for k, r in results.items()}
         Path(args.out, "short_examples.json").write_text(json.dumps(raw, indent=1) + "\n")
     return 0
