@@ -87,3 +87,21 @@ def test_swiglu_recompute_frees_the_output_and_changes_nothing(dropout, monkeypa
     assert lean_loss == plain_loss
     for name, g in plain_grads.items():
         assert torch.equal(lean_grads[name], g), name
+
+
+def test_rotary_equals_transformers_and_its_gradient_checks():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from lorafit.ops.lean_blocks import rotary
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    angles = torch.randn(2, 5, 4, dtype=torch.float64, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    for got, want in zip(rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
+    torch.autograd.gradcheck(lambda a, b: rotary(a, b, cos, sin), (q, k))
+    qb, kb, cb, sb = (t.detach().bfloat16() for t in (q, k, cos, sin))
+    for got, want in zip(rotary(qb, kb, cb, sb), apply_rotary_pos_emb(qb, kb, cb, sb)):
+        torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2)

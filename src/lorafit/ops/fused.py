@@ -113,6 +113,36 @@ def rms_norm_weight_grad(x: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) 
     return (dy.to(n.dtype) * n).reshape(-1, n.shape[-1]).sum(0)
 
 
+# ------------------------------------------------------------------------------ rotary --
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((-x2, x1), -1)
+
+
+@fused
+def rotary_forward(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' rotary embedding of q and k (x cos + rotate_half(x) sin; cos / sin broadcast
+    over the heads), in fp32 math, each result in its input's dtype."""
+    c, s = cos.to(_acc(q)), sin.to(_acc(q))
+    rq = q.to(c.dtype) * c + _rotate_half(q.to(c.dtype)) * s
+    rk = k.to(c.dtype) * c + _rotate_half(k.to(c.dtype)) * s
+    return rq.to(q.dtype), rk.to(k.dtype)
+
+
+@fused
+def rotary_backward(
+    gq: torch.Tensor, gk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input gradients of rotary_forward: g cos - rotate_half(g sin) (rotate_half's transpose
+    is its negative)."""
+    c, s = cos.to(_acc(gq)), sin.to(_acc(gq))
+    dq = gq.to(c.dtype) * c - _rotate_half(gq.to(c.dtype) * s)
+    dk = gk.to(c.dtype) * c - _rotate_half(gk.to(c.dtype) * s)
+    return dq.to(gq.dtype), dk.to(gk.dtype)
+
+
 # -------------------------------------------------------------------- causal attention --
 @fused
 def attention_grad_scores(

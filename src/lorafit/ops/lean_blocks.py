@@ -64,6 +64,25 @@ class _SwiGLU(torch.autograd.Function):
         return fused.swiglu_backward(gate, up, dout)
 
 
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return fused.rotary_forward(q.detach(), k.detach(), cos.detach(), sin.detach())
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = fused.rotary_backward(gq, gk, cos, sin)
+        return dq, dk, None, None
+
+
+def rotary(q, k, cos, sin):
+    """transformers' `apply_rotary_pos_emb(q, k, cos, sin)` (cos / sin (B, T, d), q / k
+    (B, heads, T, d)) as one pass forward and one backward, fp32 math inside."""
+    return _Rotary.apply(q, k, cos.unsqueeze(1), sin.unsqueeze(1))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out_dtype = (
         torch.get_autocast_dtype(x.device.type)
@@ -122,7 +141,11 @@ def _attention_forward(
     if getattr(self, "q_norm", None) is not None:
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    q, k = family.apply_rotary_pos_emb(q, k, *position_embeddings)
+    cos, sin = position_embeddings
+    if cos.requires_grad or sin.requires_grad:  # a trained rotary embedding: transformers' op
+        q, k = family.apply_rotary_pos_emb(q, k, cos, sin)
+    else:
+        q, k = rotary(q, k, cos, sin)
     attend = family.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, family.eager_attention_forward
     )
