@@ -73,3 +73,19 @@ def test_micro_batches_resume_at_a_saved_position():
     assert [(e, k) for e, k, _ in straight[:5]] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
     with pytest.raises(ValueError, match="training set is empty"):
         next(micro_batches([], 3, collate, seed=1))
+
+
+def test_training_processes_bound_onednns_primitive_cache_unless_the_user_set_it():
+    import os
+    import subprocess
+    import sys
+
+    code = "import lorafit.train.step, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    run = lambda e: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    from lorafit.train.step import ONEDNN_CACHE
+
+    assert run(env) == ONEDNN_CACHE
+    assert run({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}) == "512"
