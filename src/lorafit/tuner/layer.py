@@ -155,17 +155,15 @@ class LoraLayer(nn.Module):
         return result
 
     def _with_branch(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The base op and the one active plain adapter's branch as one (the kind's
-        `with_branch`), or None: see `one_branch`."""
-        factors = self.one_branch()
-        if factors is None:
-            return None
-        return self.kind.with_branch(self.base_layer, x, *factors)
+        """The base op and the one active adapter as one (its update variant's `with_branch`,
+        through the kind), or None: see `_single`."""
+        ad = self._single()
+        return None if ad is None else ad.update.with_branch(self, ad, x)
 
-    def one_branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, scale) when this layer's output is its base op plus one plain LoRA branch;
-        None for several adapters, per-row adapters, dropout in training, a variant (DoRA), a
-        per-output scale, or a disabled / merged adapter."""
+    def _single(self) -> LoraAdapter | None:
+        """The adapter when this layer's output is its base op plus one active adapter on the
+        undropped input with a scalar scale; None for several adapters, per-row adapters, dropout
+        in training, a per-output scale, or a disabled / merged adapter."""
         if len(self.active) != 1 or self.disabled or current_rows() is not None:
             return None
         name = self.active[0]
@@ -173,12 +171,17 @@ class LoraLayer(nn.Module):
         if (
             ad is None
             or name in self.merged
-            or ad.variants
             or torch.is_tensor(ad.scale)
             or (ad.dropout > 0 and self.training and self.kind.dropout)
         ):
             return None
-        return ad.A, ad.B, ad.scale
+        return ad
+
+    def one_branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, scale) when this layer's output is its base op plus one plain LoRA branch
+        (`_single`, and no variant such as DoRA); else None."""
+        ad = self._single()
+        return None if ad is None or ad.variants else (ad.A, ad.B, ad.scale)
 
     def _forward_rows(self, x: torch.Tensor, result: torch.Tensor, rows: Rows) -> torch.Tensor:
         """A mixed batch: row i gets adapter rows.names[i] ("__base__": none)."""

@@ -76,6 +76,14 @@ class Variant(Registered):
         """What the adapter adds to `base_out`; `x` has had dropout applied when `dropped`."""
         return layer.branch(ad, x, ad.scale)
 
+    def with_branch(self, layer: nn.Module, ad: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's whole output (base op and this adapter) as the kind's one-op form, when
+        the adapter is the layer's only active one and sees x undropped; None where this variant
+        (or the kind) has no such form and `forward` adds to the base output."""
+        if type(self).forward is not Variant.forward:  # an update of its own: its own form
+            return None
+        return layer.kind.with_branch(layer.base_layer, x, ad.A, ad.B, ad.scale)
+
     def merge(self, layer: nn.Module, ad: nn.Module, W: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """(out-major fp32 W with the adapter folded in, state `unmerge` needs)."""
         return W + layer.delta_weight_of(ad), None

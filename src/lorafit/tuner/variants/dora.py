@@ -74,6 +74,19 @@ class DoRA(Variant):
             base_plain = base_out - (0.0 if bias is None else kind.per_output(bias, base_out))
         return (mscale - 1) * base_plain + lora
 
+    def with_branch(self, layer, ad, x):
+        """y = c * (x W^T + s (x A^T) B^T) with c = m / ||W + s B A|| per output: the kind's
+        one-op base + branch, then one scale (the same output as `forward` added to the base
+        output: base + (c - 1) base + c * branch), without a bias (which c must not scale)."""
+        kind = layer.kind
+        if kind.bias(layer.base_layer) is not None:
+            return None
+        v = kind.with_branch(layer.base_layer, x, ad.A, ad.B, ad.scale)
+        if v is None:
+            return None
+        c = ad.magnitude.reshape(-1) / weight_norm(layer, ad)  # (out,)
+        return v * kind.per_output(c.to(v.dtype), v)
+
     def merge(self, layer, ad, W):
         W = W + layer.delta_weight_of(ad)
         norm = W.flatten(1).norm(dim=1)  # (out,), kept for unmerge
