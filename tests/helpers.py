@@ -34,21 +34,23 @@ def needs_model_and_data(module: str, package: str) -> list:
     ]
 
 
+TINY_DECODER = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+"""The sizes of the tiny decoders (Llama here; Qwen2 / Qwen3 in the tests that need them)."""
+
+
 def tiny_llama(seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY_DECODER, tie_word_embeddings=tie)).eval()
 
 
 def tiny_gpt2(seed: int = 0):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import randomize_adapters, tiny_gpt2, tiny_llama
+from helpers import TINY_DECODER, randomize_adapters, tiny_gpt2, tiny_llama
 from lorafit import LoraConfig, inject
 from lorafit.ops.attention import enable_lorafit_attention
 from lorafit.serve.decoder import Decoder, unsupported
@@ -256,16 +256,7 @@ def test_qwen2_biases_go_with_the_fused_projections(weights):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY_DECODER)).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(".bias"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from helpers import randomize_adapters
+from helpers import TINY_DECODER, randomize_adapters
 from lorafit import LoraConfig, inject
 from lorafit.ops import lean_blocks
 from lorafit.ops.lm_loss import causal_lm_loss
@@ -18,26 +18,16 @@ try:
 except ImportError:  # an older transformers
     Qwen3Config = Qwen3ForCausalLM = None
 
-SIZES = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-
 
 def _model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**SIZES))
+        return LlamaForCausalLM(LlamaConfig(**TINY_DECODER))
     if family == "qwen2":  # q / k / v with biases
-        return Qwen2ForCausalLM(Qwen2Config(**SIZES))
+        return Qwen2ForCausalLM(Qwen2Config(**TINY_DECODER))
     if Qwen3ForCausalLM is None:
         pytest.skip("this transformers has no Qwen3")
-    return Qwen3ForCausalLM(Qwen3Config(head_dim=8, **SIZES))  # q_norm / k_norm
+    return Qwen3ForCausalLM(Qwen3Config(head_dim=8, **TINY_DECODER))  # q_norm / k_norm
 
 
 def _lora(family: str, dtype=torch.float32, **config):

@@ -152,11 +152,7 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         ranks = [a.shape[0] for a in As]
         Ac = torch.cat(As).to(x.dtype)  # (k r, in)
-        Bd = x.new_zeros(sum(sizes), sum(ranks))  # block-diagonal (sum out, k r)
-        o = c = 0
-        for B, s, n, r in zip(Bs, scales, sizes, ranks):
-            Bd[o : o + n, c : c + r] = B * s
-            o, c = o + n, c + r
+        Bd = torch.block_diag(*(B * s for B, s in zip(Bs, scales))).to(x.dtype)  # (sum out, k r)
         t = F.linear(x2, Ac)  # (N, k r)
         y = F.linear(x2, weight, bias).addmm_(t, Bd.T)  # (N, sum out)
         ctx.save_for_backward(x2, weight, t, Ac, Bd)
@@ -167,14 +163,8 @@ class _LinearGroupWithBranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x2, weight, t, Ac, Bd = ctx.saved_tensors
-        N = x2.shape[0]
-        g = torch.cat(  # (N, sum out); an output that got no gradient contributes zeros
-            [
-                gi.reshape(N, n) if gi is not None else x2.new_zeros(N, n)
-                for gi, n in zip(grads, ctx.sizes)
-            ],
-            1,
-        )
+        # (N, sum out); autograd hands zeros for an output the loss did not use
+        g = torch.cat([gi.reshape(x2.shape[0], -1) for gi in grads], 1)
         gt = g.mm(Bd)  # (N, k r)
         gx = None
         if ctx.needs_input_grad[0]:
@@ -183,10 +173,10 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         gA = [None] * k
         if any(ctx.needs_input_grad[5 : 5 + k]):
             gA = [p.to(dt) for p, dt in zip(gt.T.mm(x2).split(ctx.ranks), ctx.dtypes)]
-        gB = [None] * k
-        o = c = 0
-        for i, (n, r, scale) in enumerate(zip(ctx.sizes, ctx.ranks, ctx.scales)):
-            if ctx.needs_input_grad[5 + k + i]:
-                gB[i] = (g[:, o : o + n].T.mm(t[:, c : c + r]) * scale).to(ctx.dtypes[k + i])
-            o, c = o + n, c + r
+        gB = [
+            (gi.T.mm(ti) * scale).to(dt) if ctx.needs_input_grad[5 + k + i] else None
+            for i, (gi, ti, scale, dt) in enumerate(
+                zip(g.split(ctx.sizes, 1), t.split(ctx.ranks, 1), ctx.scales, ctx.dtypes[k:])
+            )
+        ]
         return (gx, None, None, None, None, *gA, *gB)
