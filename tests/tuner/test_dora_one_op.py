@@ -1,5 +1,6 @@
-"""DoRA's one-op form (`DoRA.with_branch`: the kind's base + branch op, then one per-output
-scale) gives the output and the gradients of its `forward` added to the base output."""
+"""DoRA's one-op form (`DoRA.one_op`: the kind's base + branch op with one per-output scale, alone
+or for projections that read one input as one group) gives the output and the gradients of its
+`forward` added to the base output."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from lorafit.tuner.variants.dora import DORA
 
 def _run(monkeypatch, one_op: bool, dtype=torch.float32):
     if not one_op:
-        monkeypatch.setattr(type(DORA), "with_branch", lambda self, layer, ad, x: None)
+        monkeypatch.setattr(type(DORA), "one_op", lambda self, layer, ad: None)
     model = tiny_llama()
     inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
     randomize_adapters(model)
@@ -33,10 +34,8 @@ def _run(monkeypatch, one_op: bool, dtype=torch.float32):
 
 def test_one_op_dora_equals_its_forward(monkeypatch):
     calls = []
-    real = type(DORA).with_branch
-    monkeypatch.setattr(
-        type(DORA), "with_branch", lambda *a: calls.append(1) or real(*a), raising=True
-    )
+    real = type(DORA).one_op
+    monkeypatch.setattr(type(DORA), "one_op", lambda *a: calls.append(1) or real(*a), raising=True)
     fast = _run(monkeypatch, True)
     assert calls, "the one-op form was not used"
     slow = _run(monkeypatch, False)
@@ -62,4 +61,4 @@ def test_a_linear_with_a_bias_keeps_the_separate_form():
     layer = LoraLayer(nn.Linear(8, 6, bias=True))
     layer.add_adapter("a", 2, 4, variants=[DORA])
     ad = layer.adapters["a"]
-    assert DORA.with_branch(layer, ad, torch.randn(3, 8)) is None
+    assert DORA.one_op(layer, ad) is None and layer.one_branch() is None

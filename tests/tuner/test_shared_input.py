@@ -148,3 +148,54 @@ def test_grouped_outputs_equal_each_layer_and_train_only_what_reaches_the_loss()
     (q.square().sum() + v.sum()).backward()
     assert float(attn.k_proj.adapters["default"].B.grad.abs().max()) == 0.0
     assert float(attn.q_proj.adapters["default"].B.grad.abs().max()) > 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_dora_groups_give_doras_own_loss_and_gradients(family, monkeypatch):
+    """DoRA's per-output scale c = m / ||W + sBA|| applied to each block of the group (in place)
+    equals DoRA's `forward` layer by layer, magnitudes included; a magnitude of exactly 0 (its
+    output scaled by 2^-60 instead) still gets its gradient (zero where gate and up both are)."""
+    from lorafit.tuner.variants.dora import DORA
+
+    def dora():
+        model = _lora(family, use_dora=True)
+        with torch.no_grad():  # magnitudes away from the row norms, one of them exactly zero
+            for n, p in model.named_parameters():
+                if n.endswith("magnitude"):
+                    p.mul_(torch.linspace(0.5, 1.5, p.numel()).reshape(p.shape))
+                    p.view(-1)[1] = 0.0
+        return model
+
+    with monkeypatch.context() as m:
+        m.setattr(type(DORA), "one_op", lambda self, layer, ad: None)
+        reference = _loss_and_grads(dora())
+    taken = _count_grouped(monkeypatch)
+    model = dora()
+    lean_blocks.patch_model(model)
+    grouped = _loss_and_grads(model)
+    assert taken and all(taken) and len(taken) == 2 * 2
+    assert grouped[0] == pytest.approx(reference[0], rel=1e-6)
+    zero_rows = [g.view(-1)[1] for n, g in reference[1].items() if n.endswith("magnitude")]
+    assert sum(float(g.abs()) > 0 for g in zero_rows) >= len(zero_rows) // 2
+    for name, g in reference[1].items():
+        torch.testing.assert_close(grouped[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_group_keeps_its_joined_output_only_for_doras_scale(dora):
+    """Plain LoRA's group keeps no (tokens, sum out) output for backward (the consumers keep what
+    they need); DoRA's keeps the scaled output once, in place of an unscaled copy."""
+    model = _lora("llama", use_dora=dora)
+    attn = model.model.layers[0].self_attn
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    assert join_shared_input(layers)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    sizes = sum(m.base_layer.out_features for m in layers)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        outs = shared_input_forward(layers, x)
+    assert outs is not None
+    full = [s for s in saved if tuple(s) == (10, sizes)]
+    assert len(full) == (1 if dora else 0), saved

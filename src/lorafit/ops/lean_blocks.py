@@ -12,7 +12,7 @@ shared). Two common ops keep far more than they need:
   (1,536 values per token per layer). `recompute_swiglu` stores a recipe instead (gate and up,
   which the SwiGLU backward keeps anyway) and recomputes h, an element-wise op, when backward asks.
 - The projections that read one input (an attention block's q / k / v, an MLP's gate / up), each
-  LoRA'd with one plain adapter, run as one op (`tuner.shared_input_forward`: one matmul by their
+  LoRA'd with one adapter (plain LoRA or DoRA), run as one op (`tuner.shared_input_forward`: one matmul by their
   joined frozen weights, one by their stacked A's, one block-diagonal B update; in backward one
   input-gradient matmul and no sum of three): fewer, larger matmuls and no per-projection passes.
   The attention forward is transformers' own for Llama / Mistral / Qwen2 / Qwen3 with the three

@@ -27,7 +27,7 @@ from torch import nn
 from lorafit.tuner.config import lora_scale
 from lorafit.tuner.kinds import kind_of
 from lorafit.tuner.rows import Rows, current_rows
-from lorafit.tuner.variants import Variant, update_variant, variants_for
+from lorafit.tuner.variants import OneOp, Variant, update_variant, variants_for
 
 
 class LoraAdapter(nn.Module):
@@ -155,10 +155,10 @@ class LoraLayer(nn.Module):
         return result
 
     def _with_branch(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The base op and the one active adapter as one (its update variant's `with_branch`,
-        through the kind), or None: see `_single`."""
-        ad = self._single()
-        return None if ad is None else ad.update.with_branch(self, ad, x)
+        """The base op and the one active adapter as one (its update variant's `one_op`, through
+        the kind's `with_branch`), or None: see `one_branch`."""
+        op = self.one_branch()
+        return None if op is None else self.kind.with_branch(self.base_layer, x, *op)
 
     def _single(self) -> LoraAdapter | None:
         """The adapter when this layer's output is its base op plus one active adapter on the
@@ -177,11 +177,12 @@ class LoraLayer(nn.Module):
             return None
         return ad
 
-    def one_branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, scale) when this layer's output is its base op plus one plain LoRA branch
-        (`_single`, and no variant such as DoRA); else None."""
+    def one_branch(self) -> OneOp | None:
+        """The adapter as (A, B, scale, per-output scale) when this layer's output is its base
+        op plus one branch, scaled per output or not (`_single`, and its update variant's
+        `one_op`: plain LoRA, DoRA); else None."""
         ad = self._single()
-        return None if ad is None or ad.variants else (ad.A, ad.B, ad.scale)
+        return None if ad is None else ad.update.one_op(self, ad)
 
     def _forward_rows(self, x: torch.Tensor, result: torch.Tensor, rows: Rows) -> torch.Tensor:
         """A mixed batch: row i gets adapter rows.names[i] ("__base__": none)."""
@@ -284,8 +285,8 @@ def shared_input_forward(
     layers: Sequence[nn.Module], x: torch.Tensor
 ) -> tuple[torch.Tensor, ...] | None:
     """(layer(x) for layer in layers) computed as one op (the kind's `group_with_branch`), or
-    None, when any of them is not a base op plus one plain branch right now: the caller then
-    calls each layer."""
+    None, when any of them is not a base op plus one branch (`one_branch`) right now: the
+    caller then calls each layer."""
     if not all(isinstance(m, LoraLayer) for m in layers):
         return None
     factors = [m.one_branch() for m in layers]

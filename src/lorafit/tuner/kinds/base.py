@@ -128,10 +128,17 @@ class LayerKind(Registered):
         raise NotImplementedError
 
     def with_branch(
-        self, module: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        out_scale: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """module(x) + scale * B(A(x)) computed as one (A, B: the adapter's own parameters,
-        uncast), or None where this kind (or this module) has no such form and the layer adds
+        """out_scale * (module(x) + scale * B(A(x))) computed as one (A, B: the adapter's own
+        parameters, uncast; out_scale: None or a per-output (out,) tensor that may need a
+        gradient), or None where this kind (or this module) has no such form and the layer adds
         `branch` to the module's output itself."""
         return None
 
@@ -145,7 +152,7 @@ class LayerKind(Registered):
         self, modules: Sequence[nn.Module], x: torch.Tensor, factors: Sequence[tuple]
     ) -> tuple[torch.Tensor, ...] | None:
         """`with_branch` of every module of a `join`ed group on the same x, as one op (factors:
-        (A, B, scale) per module), or None where it does not apply now: each module is then
+        (A, B, scale, out_scale) per module), or None where it does not apply now: each module is then
         called on its own."""
         return None
 

@@ -1,5 +1,5 @@
-"""nn.Linear: weight (out, in), y = x W^T + b; with one LoRA adapter, y = x W^T + b + s (x A^T) B^T
-as one autograd op (`with_branch`)."""
+"""nn.Linear: weight (out, in), y = x W^T + b; with one LoRA adapter, y = c (x W^T + b + s (x A^T) B^T)
+as one autograd op (`with_branch`; c a per-output scale, DoRA's m / ||W + s B A||, or none)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ class LinearKind(LayerKind):
         b = module.bias if bias else None
         return F.linear(x, w.to(module.weight.dtype), b)  # (..., out)
 
-    def with_branch(self, module: nn.Linear, x, A, B, scale: float) -> torch.Tensor | None:
+    def with_branch(self, module: nn.Linear, x, A, B, scale: float, out_scale=None):
         if not _one_op(module, x):
             return None
-        return _LinearWithBranch.apply(x, module.weight, module.bias, A, B, scale)
+        return _LinearWithBranch.apply(x, module.weight, module.bias, A, B, scale, out_scale)
 
     def join(self, modules) -> bool:
         first = modules[0]
@@ -78,8 +78,8 @@ class LinearKind(LayerKind):
             if m.weight.data_ptr() != weight[start].data_ptr() or m.out_features != size:
                 return None
             start += size
-        As, Bs, scales = zip(*factors)
-        return _LinearGroupWithBranch.apply(x, weight, bias, sizes, scales, *As, *Bs)
+        As, Bs, scales, out_scales = zip(*factors)
+        return _LinearGroupWithBranch.apply(x, weight, bias, sizes, scales, *As, *Bs, *out_scales)
 
     def probe(self, module: nn.Linear, gen: torch.Generator) -> torch.Tensor:
         w = module.weight
@@ -106,23 +106,28 @@ class _LinearWithBranch(torch.autograd.Function):
     g W + (g s B) A likewise: two full-size element-wise passes less per layer each step than
     autograd's add of the branch and sum of the two input gradients. The same matmuls otherwise;
     A and B are cast (and B scaled) as `LoraLayer.branch` does, and their gradients come back in
-    their own dtype."""
+    their own dtype. With a per-output scale c (out,), y is scaled in place (`_scale_output`)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, A, B, scale):
+    def forward(ctx, x, w, bias, A, B, scale, c):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         Ac = A.to(x.dtype)
         Bc = B.to(x.dtype) * scale  # (out, r)
         t = F.linear(x2, Ac)  # (N, r)
         y = F.linear(x2, w, bias).addmm_(t, Bc.T)  # (N, out)
-        ctx.save_for_backward(x2, w, t, Ac, Bc)
+        cc = _scale_output(y, c)
+        ctx.save_for_backward(x2, w, t, Ac, Bc, None if cc is None else y, cc)
         ctx.scale, ctx.x_shape, ctx.dtypes = scale, x.shape, (A.dtype, B.dtype)
-        return y.reshape(*x.shape[:-1], w.shape[0])
+        return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
-        x2, w, t, Ac, Bc = ctx.saved_tensors
+        x2, w, t, Ac, Bc, y, cc = ctx.saved_tensors
         g = gy.reshape(-1, gy.shape[-1])  # (N, out)
+        gc = None
+        if cc is not None:
+            gc = _scale_grad(g, y, cc) if ctx.needs_input_grad[6] else None
+            g = g * cc
         gt = g.mm(Bc)  # (N, r)
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
@@ -131,7 +136,31 @@ class _LinearWithBranch(torch.autograd.Function):
             gA = gt.T.mm(x2).to(ctx.dtypes[0])  # (r, in)
         if ctx.needs_input_grad[4]:
             gB = (g.T.mm(t) * ctx.scale).to(ctx.dtypes[1])  # (out, r)
-        return gx, None, None, gA, gB, None
+        return gx, None, None, gA, gB, None, gc
+
+
+# An exactly-zero output scale is applied as this power of two instead: the output stays ~1e-18
+# of the unscaled value, and y / c still recovers that value exactly for the scale's gradient.
+_ZERO_SCALE = 2.0**-60
+
+
+def _scale_output(y: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor | None:
+    """y *= c in place over y's last dim (c (out,) cast to y's dtype, as an autograd multiply
+    would); returns the cast c, or None for no scale. Scaling in place and keeping y rather than
+    the unscaled output saves one (tokens, out) tensor per layer until backward (DoRA)."""
+    if c is None:
+        return None
+    cc = c.detach().to(y.dtype)
+    cc = cc.masked_fill(cc == 0, _ZERO_SCALE)
+    y.mul_(cc)
+    return cc
+
+
+def _scale_grad(g: torch.Tensor, y: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
+    """d loss / d c for y = c * v: the sum over tokens of g v = g (y / c) (summed in fp32, as
+    torch's CPU and CUDA sums of half-precision tensors accumulate; a dtype=float32 sum would
+    first copy the whole product to fp32)."""
+    return (g * y).sum(0).float() / cc.float()
 
 
 LINEAR = register_kind(LinearKind())
@@ -143,33 +172,51 @@ class _LinearGroupWithBranch(torch.autograd.Function):
     stacked A's (k r, in), and one `addmm_` of the B's as a block-diagonal (sum out, k r) matrix;
     in backward one matmul of the outputs' gradients side by side for the input gradient (plus
     one for the branches) and one for all the A gradients. The outputs are column blocks of one
-    (tokens, sum out) tensor."""
+    (tokens, sum out) tensor; a module's per-output scale (or None) scales its block in place,
+    and in backward its block of the side-by-side gradient is written already scaled."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, sizes, scales, *factors):
         k = len(sizes)
-        As, Bs = factors[:k], factors[k:]
+        As, Bs, cs = factors[:k], factors[k : 2 * k], factors[2 * k :]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         ranks = [a.shape[0] for a in As]
         Ac = torch.cat(As).to(x.dtype)  # (k r, in)
         Bd = torch.block_diag(*(B * s for B, s in zip(Bs, scales))).to(x.dtype)  # (sum out, k r)
         t = F.linear(x2, Ac)  # (N, k r)
         y = F.linear(x2, weight, bias).addmm_(t, Bd.T)  # (N, sum out)
-        ctx.save_for_backward(x2, weight, t, Ac, Bd)
+        parts = y.split(sizes, 1)
+        ccs = [_scale_output(part, c) for part, c in zip(parts, cs)]
+        scaled = any(cc is not None for cc in ccs)  # y kept only for the scales' gradients
+        ctx.save_for_backward(x2, weight, t, Ac, Bd, y if scaled else None, *ccs)
         ctx.sizes, ctx.ranks, ctx.scales, ctx.x_shape = sizes, ranks, scales, x.shape
         ctx.dtypes = [a.dtype for a in As] + [b.dtype for b in Bs]
-        return tuple(part.view(*x.shape[:-1], n) for part, n in zip(y.split(sizes, 1), sizes))
+        return tuple(part.view(*x.shape[:-1], n) for part, n in zip(parts, sizes))
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, weight, t, Ac, Bd = ctx.saved_tensors
-        # (N, sum out); autograd hands zeros for an output the loss did not use
-        g = torch.cat([gi.reshape(x2.shape[0], -1) for gi in grads], 1)
+        x2, weight, t, Ac, Bd, y, *ccs = ctx.saved_tensors
+        k, n = len(ctx.sizes), x2.shape[0]
+        # autograd hands zeros for an output the loss did not use
+        grads = [gi.reshape(n, -1) for gi in grads]
+        gcs = [None] * k
+        if y is None:  # no block scaled
+            g = torch.cat(grads, 1)  # (N, sum out)
+        else:
+            g = torch.empty(n, sum(ctx.sizes), dtype=y.dtype, device=y.device)
+            for i, (gi, yi, cc, gslot) in enumerate(
+                zip(grads, y.split(ctx.sizes, 1), ccs, g.split(ctx.sizes, 1))
+            ):
+                if cc is None:
+                    gslot.copy_(gi)
+                    continue
+                if ctx.needs_input_grad[5 + 2 * k + i]:
+                    gcs[i] = _scale_grad(gi, yi, cc)
+                torch.mul(gi, cc, out=gslot)
         gt = g.mm(Bd)  # (N, k r)
         gx = None
         if ctx.needs_input_grad[0]:
             gx = g.mm(weight).addmm_(gt, Ac).reshape(ctx.x_shape)
-        k = len(ctx.sizes)
         gA = [None] * k
         if any(ctx.needs_input_grad[5 : 5 + k]):
             gA = [p.to(dt) for p, dt in zip(gt.T.mm(x2).split(ctx.ranks), ctx.dtypes)]
@@ -179,4 +226,4 @@ class _LinearGroupWithBranch(torch.autograd.Function):
                 zip(g.split(ctx.sizes, 1), t.split(ctx.ranks, 1), ctx.scales, ctx.dtypes[k:])
             )
         ]
-        return (gx, None, None, None, None, *gA, *gB)
+        return (gx, None, None, None, None, *gA, *gB, *gcs)

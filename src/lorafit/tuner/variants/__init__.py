@@ -5,6 +5,7 @@ them all. A new variant is a new file here that subclasses `Variant` and calls
 from lorafit.tuner.variants import dora, pissa  # noqa: F401  (registers)
 from lorafit.tuner.variants.base import (
     LORA,
+    OneOp,
     Variant,
     register_variant,
     registered_variants,
@@ -15,6 +16,7 @@ from lorafit.tuner.variants.base import (
 
 __all__ = [
     "LORA",
+    "OneOp",
     "Variant",
     "register_variant",
     "registered_variants",

@@ -6,6 +6,8 @@ PiSSA, ...) overrides the hooks it changes, in the spirit of PEFT's variant obje
     init        after A and B exist: extra tensors (DoRA's magnitude) or a re-expression of the
                 base (PiSSA's SVD)
     forward     what the adapter adds to the base output
+    one_op      the adapter as the kind's one-op forms take it (base op + branch, a per-output
+                scale), when the layer's output can be computed that way
     merge       the base weight with the adapter folded in, and what unmerge needs to undo it
     to_file     the tensors written to the adapter file (PiSSA: relative to the original W0)
     file_config the adapter_config as written (PiSSA: doubled rank)
@@ -19,7 +21,7 @@ that subclasses `Variant` and calls `register_variant`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +30,15 @@ from lorafit.tuner.registered import Registered
 
 if TYPE_CHECKING:
     from lorafit.tuner.kinds.base import LayerKind
+
+
+class OneOp(NamedTuple):
+    """An adapter in the form the kinds' one-op paths compute: out_scale * (base + scale B A x)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    out_scale: torch.Tensor | None  # per output feature (out,), e.g. DoRA's m / ||W + sBA||
 
 
 class Variant(Registered):
@@ -76,13 +87,14 @@ class Variant(Registered):
         """What the adapter adds to `base_out`; `x` has had dropout applied when `dropped`."""
         return layer.branch(ad, x, ad.scale)
 
-    def with_branch(self, layer: nn.Module, ad: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """The layer's whole output (base op and this adapter) as the kind's one-op form, when
-        the adapter is the layer's only active one and sees x undropped; None where this variant
-        (or the kind) has no such form and `forward` adds to the base output."""
+    def one_op(self, layer: nn.Module, ad: nn.Module) -> OneOp | None:
+        """The adapter as the kind's one-op forms take it (`LayerKind.with_branch`,
+        `group_with_branch`): the layer's output is out_scale * (base op + scale * B(A(x))) when
+        the adapter is the layer's only active one and sees x undropped. None where this variant
+        has no such form and `forward` adds to the base output."""
         if type(self).forward is not Variant.forward:  # an update of its own: its own form
             return None
-        return layer.kind.with_branch(layer.base_layer, x, ad.A, ad.B, ad.scale)
+        return OneOp(ad.A, ad.B, ad.scale, None)
 
     def merge(self, layer: nn.Module, ad: nn.Module, W: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """(out-major fp32 W with the adapter folded in, state `unmerge` needs)."""

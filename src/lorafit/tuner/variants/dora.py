@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.tuner.variants.base import Variant, register_variant
+from lorafit.tuner.variants.base import OneOp, Variant, register_variant
 
 
 @torch.no_grad()
@@ -74,18 +74,15 @@ class DoRA(Variant):
             base_plain = base_out - (0.0 if bias is None else kind.per_output(bias, base_out))
         return (mscale - 1) * base_plain + lora
 
-    def with_branch(self, layer, ad, x):
+    def one_op(self, layer, ad):
         """y = c * (x W^T + s (x A^T) B^T) with c = m / ||W + s B A|| per output: the kind's
-        one-op base + branch, then one scale (the same output as `forward` added to the base
-        output: base + (c - 1) base + c * branch), without a bias (which c must not scale)."""
-        kind = layer.kind
-        if kind.bias(layer.base_layer) is not None:
-            return None
-        v = kind.with_branch(layer.base_layer, x, ad.A, ad.B, ad.scale)
-        if v is None:
+        one-op base + branch scaled per output (the same output as `forward` added to the base
+        output: base + (c - 1) base + c * branch); none for a biased layer (c must not scale the
+        bias)."""
+        if layer.kind.bias(layer.base_layer) is not None:
             return None
         c = ad.magnitude.reshape(-1) / weight_norm(layer, ad)  # (out,)
-        return v * kind.per_output(c.to(v.dtype), v)
+        return OneOp(ad.A, ad.B, ad.scale, c)
 
     def merge(self, layer, ad, W):
         W = W + layer.delta_weight_of(ad)
