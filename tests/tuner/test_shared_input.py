@@ -199,3 +199,23 @@ def test_group_keeps_its_joined_output_only_for_doras_scale(dora):
     assert outs is not None
     full = [s for s in saved if tuple(s) == (10, sizes)]
     assert len(full) == (1 if dora else 0), saved
+
+
+def test_mlp_group_reads_swiglus_gradients_without_a_copy(monkeypatch):
+    """SwiGLU's backward writes d gate | d up into one buffer; the gate / up group's backward
+    reads it as its (tokens, 2 I) gradient (`_side_by_side`) instead of concatenating, and the
+    gradients stay those of layer by layer (the patched-blocks test above)."""
+    from lorafit.tuner.kinds import linear
+
+    found = []
+    real = linear._side_by_side
+    monkeypatch.setattr(linear, "_side_by_side", lambda b: found.append(real(b)) or found[-1])
+    model = _lora("llama")
+    lean_blocks.patch_model(model)
+    _loss_and_grads(model)
+    widths = [g.shape[1] for g in found if g is not None]
+    assert widths.count(2 * 64) == 2, widths  # both layers' MLP
+    a, b = torch.randn(6, 3), torch.randn(6, 5)
+    assert real([a, b]) is None  # separate tensors: concatenated as before
+    both = torch.randn(6, 8)
+    torch.testing.assert_close(real(list(both.split([3, 5], 1))), both, rtol=0, atol=0)

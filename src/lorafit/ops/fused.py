@@ -71,16 +71,15 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @fused
-def swiglu_backward(
-    gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up) of silu(gate) * up, in fp32 math."""
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """(d gate | d up) of silu(gate) * up side by side in one (..., 2 I) tensor, in fp32 math: the
+    gate / up projections' one-op backward reads them as one gradient without a copy."""
     g = gate.to(_acc(gate))
     sig = torch.sigmoid(g)
     d = dout.to(g.dtype)
     d_up = (d * g * sig).to(up.dtype)
     d_gate = (d * up.to(g.dtype) * sig * (1 + g * (1 - sig))).to(gate.dtype)
-    return d_gate, d_up
+    return torch.cat([d_gate, d_up], -1)
 
 
 # ------------------------------------------------------------------------------ RMSNorm --

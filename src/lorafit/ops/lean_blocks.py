@@ -61,7 +61,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         gate, up = ctx.saved_tensors
-        return fused.swiglu_backward(gate, up, dout)
+        d = fused.swiglu_backward(gate, up, dout)  # (..., 2 I): the two gradients side by side
+        return d.split(gate.shape[-1], -1)
 
 
 class _Rotary(torch.autograd.Function):

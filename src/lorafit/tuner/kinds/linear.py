@@ -201,7 +201,9 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         grads = [gi.reshape(n, -1) for gi in grads]
         gcs = [None] * k
         if y is None:  # no block scaled
-            g = torch.cat(grads, 1)  # (N, sum out)
+            g = _side_by_side(grads)  # (N, sum out)
+            if g is None:
+                g = torch.cat(grads, 1)
         else:
             g = torch.empty(n, sum(ctx.sizes), dtype=y.dtype, device=y.device)
             for i, (gi, yi, cc, gslot) in enumerate(
@@ -227,3 +229,22 @@ class _LinearGroupWithBranch(torch.autograd.Function):
             )
         ]
         return (gx, None, None, None, None, *gA, *gB, *gcs)
+
+
+def _side_by_side(blocks: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (N, sum of widths) tensor whose consecutive column blocks `blocks` are, when they are
+    (a backward that wrote its gradients into one buffer, e.g. SwiGLU's d gate | d up), so it is
+    read without a copy; else None."""
+    first = blocks[0]
+    total = sum(b.shape[1] for b in blocks)
+    offset = first.storage_offset()
+    for b in blocks:
+        if (
+            b.dtype != first.dtype
+            or b.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or b.stride() != (total, 1)
+            or b.storage_offset() != offset
+        ):
+            return None
+        offset += b.shape[1]
+    return first.as_strided((first.shape[0], total), (total, 1), first.storage_offset())
