@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import TINY_DECODER, tiny_llama
 from lorafit.data.batching import CausalLMCollator
 from lorafit.ops import attention
 from lorafit.train.step import forward_backward, prepare_for_training
@@ -162,3 +162,37 @@ def test_models_outside_the_attention_interface_are_left_alone():
     model.set_attn_implementation("eager")
     assert not attention.enable_lorafit_attention(model)
     assert model.config._attn_implementation == "eager"
+
+
+def _tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(head_dim=8, **TINY_DECODER)).eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("make_model", [tiny_llama, _tiny_qwen3], ids=["llama", "qwen3"])
+def test_padding_free_attention_pads_q_k_v_once_with_the_same_numbers(
+    make_model, precision, monkeypatch
+):
+    """The lean attention of a padding-free row (`lean_blocks._documents_attention`: one gather of
+    q | k | v and of the rotary angles, rotary and q_norm / k_norm on the padded layout) gives the
+    loss and gradients of padding q, k and v one by one after rotary (transformers' path)."""
+    from lorafit.ops import lean_blocks
+
+    if make_model is _tiny_qwen3:
+        pytest.importorskip("transformers.models.qwen3")
+    flat = CausalLMCollator(0, padding_free=True)(_examples())
+    taken = []
+    real = lean_blocks._documents_attention
+    monkeypatch.setattr(
+        lean_blocks,
+        "_documents_attention",
+        lambda *a: (lambda out: taken.append(out is not None) or out)(real(*a)),
+    )
+    fast = _grads(make_model, flat, precision)
+    assert taken and all(taken) and len(taken) == 2  # both layers
+    monkeypatch.setattr(lean_blocks, "_documents_attention", lambda *a: None)
+    slow = _grads(make_model, flat, precision)
+    _assert_same(fast, slow, 1e-5 if precision == "fp32" else 1e-2)

@@ -71,18 +71,24 @@ class Documents:
         x = x[0].index_select(1, self.gather).view(heads, self.count, self.longest, d)
         return x.transpose(0, 1)
 
+    def pad_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) token rows -> (D, longest, C): one gather for everything a token carries (its
+        q | k | v side by side, its rotary angles) rather than one per head tensor."""
+        return x.index_select(0, self.gather).view(self.count, self.longest, x.shape[-1])
+
     def attend(self, module: nn.Module, query, key, value, scaling, dropout=0.0):
         q, k, v = (self._padded(t) for t in (query, key, value))  # (D, heads, L, d)
+        return self.unpad(self.attend_padded(module, q, k, v, scaling, dropout))
+
+    def attend_padded(self, module: nn.Module, q, k, v, scaling, dropout=0.0) -> torch.Tensor:
+        """Causal attention of padded documents (D, heads, L, d) -> (D, heads, L, d)."""
         heads = q.shape[1]
         p = dropout if module.training else 0.0
         if q.dtype == torch.bfloat16 and causal_attention.supports(q, k, p):
-            out = causal_attention.causal_attention(q, k, v, scaling or q.shape[-1] ** -0.5)
-            return self._unpadded(out)
-        small = (
-            query.device.type == "cpu" and self.count * heads * self.longest**2 <= MATH_MAX_SCORES
-        )
+            return causal_attention.causal_attention(q, k, v, scaling or q.shape[-1] ** -0.5)
+        small = q.device.type == "cpu" and self.count * heads * self.longest**2 <= MATH_MAX_SCORES
         with sdpa_kernel([SDPBackend.MATH]) if small else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
@@ -90,10 +96,9 @@ class Documents:
                 is_causal=True,
                 scale=scaling,
                 enable_gqa=k.shape[1] != heads,
-            )  # (D, heads, L, d)
-        return self._unpadded(out)
+            )
 
-    def _unpadded(self, out: torch.Tensor) -> torch.Tensor:
+    def unpad(self, out: torch.Tensor) -> torch.Tensor:
         """(D, heads, longest, d) -> (1, N, heads, d)."""
         out = out.transpose(1, 2).reshape(self.count * self.longest, out.shape[1], -1)
         return out.index_select(0, self.scatter).unsqueeze(0)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorafit.ops import fused
+from lorafit.ops.attention import Documents
 from lorafit.tuner.layer import join_shared_input, shared_input_forward
 
 
@@ -126,6 +127,11 @@ def _attention_forward(
     or a cache is passed."""
     qkv = None
     if cache is None and "past_key_values" not in kwargs and position_embeddings is not None:
+        docs = kwargs.get("lorafit_attention")
+        if isinstance(docs, Documents) and _rows_of_documents(hidden_states, position_embeddings):
+            out = _documents_attention(self, docs, hidden_states, position_embeddings)
+            if out is not None:
+                return out, None
         qkv = shared_input_forward((self.q_proj, self.k_proj, self.v_proj), hidden_states)
     if qkv is None:
         return type(self).forward(
@@ -162,6 +168,38 @@ def _attention_forward(
         **kwargs,
     )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def _rows_of_documents(hidden_states, position_embeddings) -> bool:
+    """A padding-free row (1, N, hidden) with a fixed rotary embedding."""
+    cos, sin = position_embeddings
+    return hidden_states.shape[0] == 1 and not (cos.requires_grad or sin.requires_grad)
+
+
+def _documents_attention(self, docs: Documents, hidden_states, position_embeddings):
+    """The attention block of a padding-free row, its documents padded once: q | k | v come out
+    of one `shared_input_forward` as one (N, sum out) tensor, which one gather lays out as
+    (documents, longest, sum out) (the rotary angles likewise); rotary, q_norm / k_norm and the
+    attention run on that layout; one gather brings the outputs back to the row. Transformers'
+    path pads q, k and v one by one (three gathers forward, three scatters backward). None
+    where the projections are not one group right now."""
+    layers = (self.q_proj, self.k_proj, self.v_proj)
+    y = shared_input_forward(layers, hidden_states, joined=True)  # (1, N, sum out)
+    if y is None:
+        return None
+    d = self.head_dim
+    rows = docs.pad_rows(y[0])  # (D, L, sum out)
+    q, k, v = (
+        t.unflatten(-1, (-1, d)) for t in rows.split([m.weight.shape[0] for m in layers], -1)
+    )  # (D, L, heads, d)
+    if getattr(self, "q_norm", None) is not None:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (D, heads, L, d)
+    cos, sin = (docs.pad_rows(t[0]) for t in position_embeddings)  # (D, L, d)
+    q, k = rotary(q, k, cos, sin)
+    dropout = 0.0 if not self.training else self.attention_dropout
+    out = docs.unpad(docs.attend_padded(self, q, k, v, self.scaling, dropout))  # (1, N, heads, d)
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
 
 class _Recompute:

@@ -282,14 +282,15 @@ def join_shared_input(layers: Sequence[nn.Module]) -> bool:
 
 
 def shared_input_forward(
-    layers: Sequence[nn.Module], x: torch.Tensor
-) -> tuple[torch.Tensor, ...] | None:
+    layers: Sequence[nn.Module], x: torch.Tensor, joined: bool = False
+) -> tuple[torch.Tensor, ...] | torch.Tensor | None:
     """(layer(x) for layer in layers) computed as one op (the kind's `group_with_branch`), or
     None, when any of them is not a base op plus one branch (`one_branch`) right now: the
-    caller then calls each layer."""
+    caller then calls each layer. `joined`: the outputs side by side as one (..., sum out)
+    tensor instead (one gradient for all of them in backward)."""
     if not all(isinstance(m, LoraLayer) for m in layers):
         return None
     factors = [m.one_branch() for m in layers]
     if any(f is None for f in factors):
         return None
-    return layers[0].kind.group_with_branch([m.base_layer for m in layers], x, factors)
+    return layers[0].kind.group_with_branch([m.base_layer for m in layers], x, factors, joined)

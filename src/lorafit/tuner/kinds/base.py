@@ -149,11 +149,15 @@ class LayerKind(Registered):
         return False
 
     def group_with_branch(
-        self, modules: Sequence[nn.Module], x: torch.Tensor, factors: Sequence[tuple]
-    ) -> tuple[torch.Tensor, ...] | None:
+        self,
+        modules: Sequence[nn.Module],
+        x: torch.Tensor,
+        factors: Sequence[tuple],
+        joined: bool = False,
+    ) -> tuple[torch.Tensor, ...] | torch.Tensor | None:
         """`with_branch` of every module of a `join`ed group on the same x, as one op (factors:
-        (A, B, scale, out_scale) per module), or None where it does not apply now: each module is then
-        called on its own."""
+        (A, B, scale, out_scale) per module; `joined`: the outputs as one (..., sum out) tensor),
+        or None where it does not apply now: each module is then called on its own."""
         return None
 
     def per_output(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

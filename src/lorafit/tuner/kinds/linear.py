@@ -68,18 +68,20 @@ class LinearKind(LayerKind):
         first._lorafit_joined = (weight, bias, tuple(m.out_features for m in modules))
         return True
 
-    def group_with_branch(self, modules, x, factors):
-        joined = getattr(modules[0], "_lorafit_joined", None)
-        if joined is None or not all(_one_op(m, x) for m in modules):
+    def group_with_branch(self, modules, x, factors, joined=False):
+        tensors = getattr(modules[0], "_lorafit_joined", None)
+        if tensors is None or not all(_one_op(m, x) for m in modules):
             return None
-        weight, bias, sizes = joined
+        weight, bias, sizes = tensors
         start = 0
         for m, size in zip(modules, sizes, strict=True):  # still views of the joined tensor
             if m.weight.data_ptr() != weight[start].data_ptr() or m.out_features != size:
                 return None
             start += size
         As, Bs, scales, out_scales = zip(*factors)
-        return _LinearGroupWithBranch.apply(x, weight, bias, sizes, scales, *As, *Bs, *out_scales)
+        return _LinearGroupWithBranch.apply(
+            x, weight, bias, (sizes, joined), scales, *As, *Bs, *out_scales
+        )
 
     def probe(self, module: nn.Linear, gen: torch.Generator) -> torch.Tensor:
         w = module.weight
@@ -176,7 +178,8 @@ class _LinearGroupWithBranch(torch.autograd.Function):
     and in backward its block of the side-by-side gradient is written already scaled."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sizes, scales, *factors):
+    def forward(ctx, x, weight, bias, layout, scales, *factors):
+        sizes, joined = layout  # joined: one (..., sum out) output rather than k
         k = len(sizes)
         As, Bs, cs = factors[:k], factors[k : 2 * k], factors[2 * k :]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -191,6 +194,8 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         ctx.save_for_backward(x2, weight, t, Ac, Bd, y if scaled else None, *ccs)
         ctx.sizes, ctx.ranks, ctx.scales, ctx.x_shape = sizes, ranks, scales, x.shape
         ctx.dtypes = [a.dtype for a in As] + [b.dtype for b in Bs]
+        if joined:
+            return y.view(*x.shape[:-1], y.shape[1])
         return tuple(part.view(*x.shape[:-1], n) for part, n in zip(parts, sizes))
 
     @staticmethod
@@ -198,7 +203,10 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         x2, weight, t, Ac, Bd, y, *ccs = ctx.saved_tensors
         k, n = len(ctx.sizes), x2.shape[0]
         # autograd hands zeros for an output the loss did not use
-        grads = [gi.reshape(n, -1) for gi in grads]
+        if len(grads) == 1 < k:  # the joined output's gradient
+            grads = list(grads[0].reshape(n, -1).split(ctx.sizes, 1))
+        else:
+            grads = [gi.reshape(n, -1) for gi in grads]
         gcs = [None] * k
         if y is None:  # no block scaled
             g = _side_by_side(grads)  # (N, sum out)
