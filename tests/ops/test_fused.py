@@ -26,6 +26,9 @@ def _inputs(kernel: str, shape: tuple[int, ...], dtype: torch.dtype):
         return r(*shape), r(*shape)
     if kernel == "swiglu_backward":
         return r(*shape), r(*shape), r(*shape)
+    if kernel.startswith("rotary_rows"):  # (N, q | k | v) rows, 2 rotated heads of 8 + v (8)
+        n = shape[0] * shape[1]
+        return r(n, H), r(n, 8), r(n, 8), 2, 8
     x, w = r(*shape) * 3, r(H)
     rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
     if kernel == "rms_norm_forward":
@@ -45,6 +48,8 @@ KERNELS = [
     "rms_norm_backward",
     "rms_norm_weight_grad",
     "cross_entropy_grad",
+    "rotary_rows_forward",
+    "rotary_rows_backward",
 ]
 
 

@@ -105,3 +105,25 @@ def test_rotary_equals_transformers_and_its_gradient_checks():
     qb, kb, cb, sb = (t.detach().bfloat16() for t in (q, k, cos, sin))
     for got, want in zip(rotary(qb, kb, cb, sb), apply_rotary_pos_emb(qb, kb, cb, sb)):
         torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2)
+
+
+def test_rotary_on_token_rows_equals_transformers_and_its_gradient_checks():
+    """`rotary_rows` on (N, q | k | v) rows: q's and k's heads rotated as transformers does on the
+    (1, heads, N, d) layout, v's columns unchanged; fp64 exact, gradcheck (v passes through)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from lorafit.ops.lean_blocks import rotary_rows
+
+    g = torch.Generator().manual_seed(0)
+    n, d, hq, hk = 7, 8, 4, 2
+    y = torch.randn(n, (hq + 2 * hk) * d, dtype=torch.float64, generator=g, requires_grad=True)
+    angles = torch.randn(n, d // 2, dtype=torch.float64, generator=g).repeat(1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    out = rotary_rows(y, cos, sin, hq + hk, d)
+    q, k = (t.view(1, n, -1, d).transpose(1, 2) for t in y.split([hq * d, hk * d, hk * d], 1)[:2])
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    got_q, got_k, got_v = out.split([hq * d, hk * d, hk * d], 1)
+    torch.testing.assert_close(got_q, want_q.transpose(1, 2).reshape(n, -1))
+    torch.testing.assert_close(got_k, want_k.transpose(1, 2).reshape(n, -1))
+    torch.testing.assert_close(got_v, y[:, (hq + hk) * d :])
+    torch.autograd.gradcheck(lambda a: rotary_rows(a, cos, sin, hq + hk, d), (y,))

@@ -34,8 +34,8 @@ def fusion_enabled() -> bool:
 class _Fused:
     """`fn` compiled on first call; the eager `fn` when fusion is off or compiling failed."""
 
-    def __init__(self, fn: Callable):
-        self.fn, self.name = fn, fn.__name__
+    def __init__(self, fn: Callable, dynamic: bool | None = True):
+        self.fn, self.name, self.dynamic = fn, fn.__name__, dynamic
         self.compiled: Callable | None = None
         self.failed = False
 
@@ -43,7 +43,7 @@ class _Fused:
         if not _enabled or self.failed or torch.compiler.is_compiling():
             return self.fn(*args)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            self.compiled = torch.compile(self.fn, dynamic=self.dynamic, fullgraph=True)
         try:
             return self.compiled(*args)
         except Exception as exc:  # a missing compiler or backend: eager from now on
@@ -55,8 +55,14 @@ class _Fused:
             return self.fn(*args)
 
 
-def fused(fn: Callable) -> _Fused:
-    return _Fused(fn)
+def fused(fn: Callable | None = None, *, dynamic: bool | None = True):
+    """`@fused`: compiled once for every shape (dynamic); `@fused(dynamic=None)`: torch's
+    automatic dynamic shapes, for a kernel whose int arguments (head counts and sizes) must stay
+    constants in the generated code to vectorise: a size that changes is made symbolic on its
+    second value (one recompile), the ints never change for a model."""
+    if fn is None:
+        return lambda f: _Fused(f, dynamic)
+    return _Fused(fn, dynamic)
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -140,6 +146,32 @@ def rotary_backward(
     dq = gq.to(c.dtype) * c - _rotate_half(gq.to(c.dtype) * s)
     dk = gk.to(c.dtype) * c - _rotate_half(gk.to(c.dtype) * s)
     return dq.to(gq.dtype), dk.to(gk.dtype)
+
+
+@fused(dynamic=None)  # heads, d as constants: 4x faster than symbolic (200 vs 870 us, N=700)
+def rotary_rows_forward(
+    y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, d: int
+) -> torch.Tensor:
+    """`rotary_forward` on token rows (N, q | k | v side by side): the first `heads` heads of d
+    values (q's and k's) rotated by their token's cos / sin (N, d), the rest (v) copied; one pass
+    that writes the rows again side by side."""
+    n, rot = y.shape[0], heads * d
+    c, s = cos.to(_acc(y))[:, None, :], sin.to(_acc(y))[:, None, :]  # (N, 1, d)
+    x = y[:, :rot].reshape(n, heads, d).to(c.dtype)
+    r = (x * c + _rotate_half(x) * s).reshape(n, rot).to(y.dtype)
+    return torch.cat([r, y[:, rot:]], 1)
+
+
+@fused(dynamic=None)
+def rotary_rows_backward(
+    g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, d: int
+) -> torch.Tensor:
+    """The input gradient of rotary_rows_forward (v's part passes through)."""
+    n, rot = g.shape[0], heads * d
+    c, s = cos.to(_acc(g))[:, None, :], sin.to(_acc(g))[:, None, :]
+    x = g[:, :rot].reshape(n, heads, d).to(c.dtype)
+    r = (x * c - _rotate_half(x * s)).reshape(n, rot).to(g.dtype)
+    return torch.cat([r, g[:, rot:]], 1)
 
 
 # -------------------------------------------------------------------- causal attention --

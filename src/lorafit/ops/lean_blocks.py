@@ -79,6 +79,25 @@ class _Rotary(torch.autograd.Function):
         return dq, dk, None, None
 
 
+class _RotaryRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, cos, sin, heads: int, d: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.heads, ctx.d = heads, d
+        return fused.rotary_rows_forward(y.detach(), cos.detach(), sin.detach(), heads, d)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return fused.rotary_rows_backward(g, cos, sin, ctx.heads, ctx.d), None, None, None, None
+
+
+def rotary_rows(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, d: int):
+    """`rotary` on token rows y (N, q | k | v): the first `heads` heads of d values (q's, k's)
+    rotated by cos / sin (N, d), the rest unchanged; one pass each way, rows kept side by side."""
+    return _RotaryRows.apply(y, cos, sin, heads, d)
+
+
 def rotary(q, k, cos, sin):
     """transformers' `apply_rotary_pos_emb(q, k, cos, sin)` (cos / sin (B, T, d), q / k
     (B, heads, T, d)) as one pass forward and one backward, fp32 math inside."""
@@ -178,25 +197,31 @@ def _rows_of_documents(hidden_states, position_embeddings) -> bool:
 
 def _documents_attention(self, docs: Documents, hidden_states, position_embeddings):
     """The attention block of a padding-free row, its documents padded once: q | k | v come out
-    of one `shared_input_forward` as one (N, sum out) tensor, which one gather lays out as
-    (documents, longest, sum out) (the rotary angles likewise); rotary, q_norm / k_norm and the
-    attention run on that layout; one gather brings the outputs back to the row. Transformers'
-    path pads q, k and v one by one (three gathers forward, three scatters backward). None
-    where the projections are not one group right now."""
+    of one `shared_input_forward` as one (N, sum out) tensor, rotated on the token rows in one
+    pass that keeps them side by side (`rotary_rows`), and one gather lays them out as
+    (documents, longest, sum out) for the attention; one gather brings the outputs back to the
+    row. With q_norm / k_norm (Qwen3), which come before the rotary embedding, both run on the
+    padded layout (the rotary angles padded likewise). Transformers' path pads q, k and v one
+    by one (three gathers forward, three scatters backward). None where the projections are
+    not one group right now."""
     layers = (self.q_proj, self.k_proj, self.v_proj)
     y = shared_input_forward(layers, hidden_states, joined=True)  # (1, N, sum out)
     if y is None:
         return None
     d = self.head_dim
+    sizes = [m.weight.shape[0] for m in layers]
+    norms = getattr(self, "q_norm", None) is not None
+    if not norms:  # rotate q and k on the token rows: N tokens, not documents x longest
+        cos, sin = (t[0] for t in position_embeddings)  # (N, d)
+        y = rotary_rows(y[0], cos, sin, (sizes[0] + sizes[1]) // d, d)[None]
     rows = docs.pad_rows(y[0])  # (D, L, sum out)
-    q, k, v = (
-        t.unflatten(-1, (-1, d)) for t in rows.split([m.weight.shape[0] for m in layers], -1)
-    )  # (D, L, heads, d)
-    if getattr(self, "q_norm", None) is not None:
+    q, k, v = (t.unflatten(-1, (-1, d)) for t in rows.split(sizes, -1))  # (D, L, heads, d)
+    if norms:  # q_norm / k_norm come before the rotary embedding: both on the padded layout
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (D, heads, L, d)
-    cos, sin = (docs.pad_rows(t[0]) for t in position_embeddings)  # (D, L, d)
-    q, k = rotary(q, k, cos, sin)
+    if norms:
+        cos, sin = (docs.pad_rows(t[0]) for t in position_embeddings)  # (D, L, d)
+        q, k = rotary(q, k, cos, sin)
     dropout = 0.0 if not self.training else self.attention_dropout
     out = docs.unpad(docs.attend_padded(self, q, k, v, self.scaling, dropout))  # (1, N, heads, d)
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
