@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from helpers import write_text
+from helpers import TINY_DECODER, write_text
 from lorafit.data import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -259,15 +259,7 @@ def test_packed_documents_do_not_see_each_other_in_a_real_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig(**{**TINY_DECODER, "vocab_size": 64})
     model = LlamaForCausalLM(config).eval()
     docs = [
         {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},

@@ -62,3 +62,22 @@ def test_a_linear_with_a_bias_keeps_the_separate_form():
     layer.add_adapter("a", 2, 4, variants=[DORA])
     ad = layer.adapters["a"]
     assert DORA.one_op(layer, ad) is None and layer.one_branch() is None
+
+
+def test_a_kind_without_the_one_op_form_computes_the_norm_once(monkeypatch):
+    """The per-output scale is handed to the kind as a function, called only when the kind runs
+    the one-op form: a conv (which has none) pays for DoRA's weight norm once per forward (a
+    quantized base's norm dequantizes its weight)."""
+    from torch import nn
+
+    from lorafit.tuner.layer import LoraLayer
+    from lorafit.tuner.variants import dora
+
+    layer = LoraLayer(nn.Conv2d(3, 4, 3, bias=False))
+    layer.add_adapter("a", 2, 4, variants=[DORA])
+    layer.active = ["a"]
+    calls = []
+    real = dora.weight_norm
+    monkeypatch.setattr(dora, "weight_norm", lambda *a: calls.append(1) or real(*a))
+    layer(torch.randn(1, 3, 6, 6))
+    assert len(calls) == 1

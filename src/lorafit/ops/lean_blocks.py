@@ -146,12 +146,18 @@ def _attention_forward(
     or a cache is passed."""
     qkv = None
     if cache is None and "past_key_values" not in kwargs and position_embeddings is not None:
+        layers = (self.q_proj, self.k_proj, self.v_proj)
         docs = kwargs.get("lorafit_attention")
-        if isinstance(docs, Documents) and _rows_of_documents(hidden_states, position_embeddings):
-            out = _documents_attention(self, docs, hidden_states, position_embeddings)
-            if out is not None:
-                return out, None
-        qkv = shared_input_forward((self.q_proj, self.k_proj, self.v_proj), hidden_states)
+        if (  # a padding-free row with a fixed rotary embedding: its documents padded once
+            isinstance(docs, Documents)
+            and hidden_states.shape[0] == 1
+            and _fixed(position_embeddings)
+        ):
+            qkv = shared_input_forward(layers, hidden_states, joined=True)
+            if qkv is not None:
+                return _documents_attention(self, docs, qkv, position_embeddings), None
+        else:
+            qkv = shared_input_forward(layers, hidden_states)
     if qkv is None:
         return type(self).forward(
             self,
@@ -167,11 +173,10 @@ def _attention_forward(
     if getattr(self, "q_norm", None) is not None:
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    cos, sin = position_embeddings
-    if cos.requires_grad or sin.requires_grad:  # a trained rotary embedding: transformers' op
-        q, k = family.apply_rotary_pos_emb(q, k, cos, sin)
-    else:
-        q, k = rotary(q, k, cos, sin)
+    if _fixed(position_embeddings):
+        q, k = rotary(q, k, *position_embeddings)
+    else:  # a trained rotary embedding: transformers' op
+        q, k = family.apply_rotary_pos_emb(q, k, *position_embeddings)
     attend = family.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, family.eager_attention_forward
     )
@@ -189,32 +194,27 @@ def _attention_forward(
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-def _rows_of_documents(hidden_states, position_embeddings) -> bool:
-    """A padding-free row (1, N, hidden) with a fixed rotary embedding."""
-    cos, sin = position_embeddings
-    return hidden_states.shape[0] == 1 and not (cos.requires_grad or sin.requires_grad)
+def _fixed(position_embeddings) -> bool:
+    """Whether the rotary angles (cos, sin) are constants (not a trained rotary embedding)."""
+    return not any(t.requires_grad for t in position_embeddings)
 
 
-def _documents_attention(self, docs: Documents, hidden_states, position_embeddings):
-    """The attention block of a padding-free row, its documents padded once: q | k | v come out
-    of one `shared_input_forward` as one (N, sum out) tensor, rotated on the token rows in one
-    pass that keeps them side by side (`rotary_rows`), and one gather lays them out as
-    (documents, longest, sum out) for the attention; one gather brings the outputs back to the
-    row. With q_norm / k_norm (Qwen3), which come before the rotary embedding, both run on the
-    padded layout (the rotary angles padded likewise). Transformers' path pads q, k and v one
-    by one (three gathers forward, three scatters backward). None where the projections are
-    not one group right now."""
-    layers = (self.q_proj, self.k_proj, self.v_proj)
-    y = shared_input_forward(layers, hidden_states, joined=True)  # (1, N, sum out)
-    if y is None:
-        return None
+def _documents_attention(self, docs: Documents, qkv: torch.Tensor, position_embeddings):
+    """The attention block of a padding-free row (1, N) from its q | k | v side by side (qkv,
+    (1, N, sum out), one `shared_input_forward`), its documents padded once: rotated on the
+    token rows in one pass that keeps them side by side (`rotary_rows`), one gather lays them out
+    as (documents, longest, sum out) for the attention, one gather brings the outputs back to
+    the row. With q_norm / k_norm (Qwen3), which come before the rotary embedding, both run on
+    the padded layout (the rotary angles padded likewise). Transformers' path pads q, k and v
+    one by one (three gathers forward, three scatters backward)."""
     d = self.head_dim
-    sizes = [m.weight.shape[0] for m in layers]
+    sizes = [m.weight.shape[0] for m in (self.q_proj, self.k_proj, self.v_proj)]
+    y = qkv[0]  # (N, sum out)
     norms = getattr(self, "q_norm", None) is not None
     if not norms:  # rotate q and k on the token rows: N tokens, not documents x longest
         cos, sin = (t[0] for t in position_embeddings)  # (N, d)
-        y = rotary_rows(y[0], cos, sin, (sizes[0] + sizes[1]) // d, d)[None]
-    rows = docs.pad_rows(y[0])  # (D, L, sum out)
+        y = rotary_rows(y, cos, sin, (sizes[0] + sizes[1]) // d, d)
+    rows = docs.pad_rows(y)  # (D, L, sum out)
     q, k, v = (t.unflatten(-1, (-1, d)) for t in rows.split(sizes, -1))  # (D, L, heads, d)
     if norms:  # q_norm / k_norm come before the rotary embedding: both on the padded layout
         q, k = self.q_norm(q), self.k_norm(k)
@@ -224,7 +224,7 @@ def _documents_attention(self, docs: Documents, hidden_states, position_embeddin
         q, k = rotary(q, k, cos, sin)
     dropout = 0.0 if not self.training else self.attention_dropout
     out = docs.unpad(docs.attend_padded(self, q, k, v, self.scaling, dropout))  # (1, N, heads, d)
-    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+    return self.o_proj(out.reshape(*qkv.shape[:-1], -1))
 
 
 class _Recompute:

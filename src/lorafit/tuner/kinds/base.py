@@ -14,7 +14,7 @@ attributes (in_features, num_embeddings, kernel_size, ...), never guessed from t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -134,11 +134,11 @@ class LayerKind(Registered):
         A: torch.Tensor,
         B: torch.Tensor,
         scale: float,
-        out_scale: torch.Tensor | None = None,
+        out_scale: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
-        """out_scale * (module(x) + scale * B(A(x))) computed as one (A, B: the adapter's own
-        parameters, uncast; out_scale: None or a per-output (out,) tensor that may need a
-        gradient), or None where this kind (or this module) has no such form and the layer adds
+        """c * (module(x) + scale * B(A(x))) computed as one (A, B: the adapter's own parameters,
+        uncast; c = out_scale(), a per-output (out,) tensor that may need a gradient, called only
+        when this form runs; no c without out_scale), or None where this kind (or this module) has no such form and the layer adds
         `branch` to the module's output itself."""
         return None
 

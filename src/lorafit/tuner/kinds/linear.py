@@ -38,7 +38,8 @@ class LinearKind(LayerKind):
     def with_branch(self, module: nn.Linear, x, A, B, scale: float, out_scale=None):
         if not _one_op(module, x):
             return None
-        return _LinearWithBranch.apply(x, module.weight, module.bias, A, B, scale, out_scale)
+        c = None if out_scale is None else out_scale()
+        return _LinearWithBranch.apply(x, module.weight, module.bias, A, B, scale, c)
 
     def join(self, modules) -> bool:
         first = modules[0]
@@ -79,9 +80,8 @@ class LinearKind(LayerKind):
                 return None
             start += size
         As, Bs, scales, out_scales = zip(*factors)
-        return _LinearGroupWithBranch.apply(
-            x, weight, bias, (sizes, joined), scales, *As, *Bs, *out_scales
-        )
+        cs = [None if f is None else f() for f in out_scales]
+        return _LinearGroupWithBranch.apply(x, weight, bias, (sizes, joined), scales, *As, *Bs, *cs)
 
     def probe(self, module: nn.Linear, gen: torch.Generator) -> torch.Tensor:
         w = module.weight

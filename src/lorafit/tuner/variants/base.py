@@ -20,7 +20,7 @@ that subclasses `Variant` and calls `register_variant`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -38,7 +38,10 @@ class OneOp(NamedTuple):
     A: torch.Tensor
     B: torch.Tensor
     scale: float
-    out_scale: torch.Tensor | None  # per output feature (out,), e.g. DoRA's m / ||W + sBA||
+    out_scale: Callable[[], torch.Tensor] | None
+    """What gives the per-output scale (out,), e.g. DoRA's m / ||W + sBA||: called only by a kind
+    that runs the one-op form, so a kind that has none costs nothing (a quantized base's norm
+    would dequantize its weight)."""
 
 
 class Variant(Registered):

@@ -81,8 +81,9 @@ class DoRA(Variant):
         bias)."""
         if layer.kind.bias(layer.base_layer) is not None:
             return None
-        c = ad.magnitude.reshape(-1) / weight_norm(layer, ad)  # (out,)
-        return OneOp(ad.A, ad.B, ad.scale, c)
+        return OneOp(
+            ad.A, ad.B, ad.scale, lambda: ad.magnitude.reshape(-1) / weight_norm(layer, ad)
+        )
 
     def merge(self, layer, ad, W):
         W = W + layer.delta_weight_of(ad)
