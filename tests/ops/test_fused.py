@@ -38,7 +38,8 @@ def _inputs(kernel: str, shape: tuple[int, ...], dtype: torch.dtype):
     if kernel == "rms_norm_weight_grad":
         return x, rstd, r(*shape)
     logits = r(shape[0] * shape[1], 50) * 4  # cross_entropy_grad: (n, V)
-    return logits, torch.randint(0, 50, (logits.shape[0],), generator=g)
+    target = torch.randint(0, 50, (logits.shape[0],), generator=g)
+    return logits, target, torch.rand(logits.shape[0], generator=g) < 0.7  # some rows left out
 
 
 KERNELS = [
@@ -74,11 +75,14 @@ def test_compiled_kernel_matches_its_eager_reference_at_every_shape(name, dtype)
 
 
 def test_cross_entropy_grad_is_the_loss_and_gradient_of_f_cross_entropy():
-    logits, target = _inputs("cross_entropy_grad", (4, 9, 8), torch.float32)
+    """Over the valid rows (the others: no loss, zero gradient), as F.cross_entropy with
+    ignore_index gives them."""
+    logits, target, valid = _inputs("cross_entropy_grad", (4, 9, 8), torch.float32)
+    assert 0 < valid.sum() < len(valid)
     leaf = logits.clone().requires_grad_(True)
-    want = F.cross_entropy(leaf, target, reduction="sum")
+    want = F.cross_entropy(leaf, target.masked_fill(~valid, -100), reduction="sum")
     want.backward()
-    loss, grad = fused.cross_entropy_grad(logits, target)
+    loss, grad = fused.cross_entropy_grad(logits, target, valid)
     torch.testing.assert_close(loss, want.detach())
     torch.testing.assert_close(grad, leaf.grad)
 

@@ -14,6 +14,52 @@ def test_rms_norm_matches_reference_values_and_grads():
     torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x, w))
 
 
+def test_the_projections_after_a_norm_keep_its_input_not_its_output(monkeypatch):
+    """The decoder layers' RMSNorm outputs feed one-op projections, which keep the norm's input,
+    1 / rms and weight instead (`input_for_grad`): autograd saves none of those outputs for
+    backward, and the adapter gradients agree, in fp64 to rounding, with the projections keeping
+    the output itself (the mark switched off)."""
+    import lorafit.ops.lean_blocks as lean_blocks
+
+    def run(mark: bool):
+        outputs = []
+        real = lean_blocks.rms_norm
+
+        def recording(x, weight, eps):
+            y = real(x, weight, eps)
+            if not mark:
+                y.__dict__.pop("_lorafit_input_for_grad", None)
+            outputs.append(y)
+            return y
+
+        monkeypatch.setattr(lean_blocks, "rms_norm", recording)
+        model = tiny_llama().double()
+        inject(model, LoraConfig(r=4, target_modules="all-linear"))
+        randomize_adapters(model)
+        patch_model(model)
+        ids = model_input("llama")["input_ids"]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        saved = set()
+
+        def pack(t):
+            saved.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = causal_lm_loss(model, batch, 64)[0]
+        layer_norms = outputs[:-1]  # 2 layers x 2 norms; the final norm's output goes to the loss
+        kept = sum(y.untyped_storage().data_ptr() in saved for y in layer_norms)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return kept, len(outputs), grads
+
+    kept, norms, grads = run(True)
+    kept_plain, _, grads_plain = run(False)
+    assert norms == 5 and kept == 0 and kept_plain == 4
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_plain[name], rtol=1e-9, atol=1e-12)
+
+
 def test_swiglu_grads():
     torch.manual_seed(0)
     g = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
@@ -54,8 +100,8 @@ def _run(recompute: bool, dropout: float, monkeypatch):
     outputs = []
     real = lean_blocks.swiglu
 
-    def recording(gate, up):
-        h = real(gate, up)
+    def recording(gate, up, **kwargs):
+        h = real(gate, up, **kwargs)
         outputs.append(weakref.ref(h))
         return h
 

@@ -159,3 +159,51 @@ def test_fp32_weights_under_bf16_autocast_keep_autocasts_casts(monkeypatch):
     _unfused(monkeypatch)
     want = _run(_layer(True), x, torch.bfloat16)
     torch.testing.assert_close(got[0], want[0])
+
+
+def test_an_input_marked_with_how_to_get_its_product_is_not_kept_and_gives_the_same_gradients():
+    """`input_for_grad`: x marked with tensors and a function for gt^T x. The one-op form (alone
+    and grouped) keeps those tensors instead of x (x is freed after the forward) and its A
+    gradient is the function's; here x = 2 * x0, so (2 gt)^T x0 is the same product."""
+    import gc
+    import weakref
+
+    from lorafit.tuner.kinds.base import input_for_grad
+    from lorafit.tuner.layer import shared_input_forward
+
+    def t_mm(gt, x0):
+        return (2 * gt).T.mm(x0.reshape(gt.shape[0], -1))
+
+    def run(mark: bool, grouped: bool):
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"q": nn.Linear(24, 40), "k": nn.Linear(24, 8)})
+        inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k"]))
+        randomize_adapters(model, seed=0, scale=0.5)
+        x0 = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        x = x0 * 2
+        if mark:
+            input_for_grad(x, t_mm, x0.detach())
+        alive = weakref.ref(x)
+        if grouped:
+            from lorafit.tuner.layer import join_shared_input
+
+            assert join_shared_input((model["q"], model["k"]))
+            outs = shared_input_forward((model["q"], model["k"]), x)
+            assert outs is not None
+        else:
+            outs = (model["q"](x), model["k"](x))
+        del x
+        gc.collect()
+        kept = alive() is not None
+        sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return kept, x0.grad, grads
+
+    for grouped in (False, True):
+        kept, gx, grads = run(True, grouped)
+        kept_plain, gx_plain, grads_plain = run(False, grouped)
+        assert kept_plain and not kept
+        torch.testing.assert_close(gx, gx_plain)
+        assert grads.keys() == grads_plain.keys() and len(grads) == 4
+        for name, g in grads.items():
+            torch.testing.assert_close(g, grads_plain[name], rtol=1e-5, atol=1e-6)

@@ -198,12 +198,14 @@ def attention_grad_scores(
 # ------------------------------------------------------------------------- cross-entropy --
 @fused
 def cross_entropy_grad(
-    logits: torch.Tensor, target: torch.Tensor
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy of logits (n, V) against target (n,), its gradient softmax -
-    one-hot in the logits' dtype), in fp32 math."""
+    """(summed cross-entropy of logits (n, V) against target (n,) over the rows where valid (n,)
+    is True, its gradient softmax - one-hot in the logits' dtype, zero in the other rows), in fp32
+    math."""
     x = logits.to(_acc(logits))
     lse = torch.logsumexp(x, dim=-1)  # (n,)
     picked = x.gather(1, target[:, None])  # (n, 1)
     g = (x - lse[:, None]).exp().scatter_add(1, target[:, None], torch.full_like(picked, -1.0))
-    return (lse - picked.squeeze(1)).sum(), g.to(logits.dtype)
+    g = torch.where(valid[:, None], g, 0.0)
+    return torch.where(valid, lse - picked.squeeze(1), 0.0).sum(), g.to(logits.dtype)

@@ -8,9 +8,12 @@ shared). Two common ops keep far more than they need:
   the projections share one tensor.
 - SwiGLU (silu(gate) * up) keeps gate, silu(gate) and up; `swiglu` keeps gate and up and
   recomputes silu in backward (cheap, element-wise).
-- The SwiGLU output h feeds down_proj, whose LoRA A-gradient needs h, so autograd keeps h too
-  (1,536 values per token per layer). `recompute_swiglu` stores a recipe instead (gate and up,
-  which the SwiGLU backward keeps anyway) and recomputes h, an element-wise op, when backward asks.
+- A projection's LoRA A-gradient gt^T x needs its input x. When x is RMSNorm's output
+  w * x0 / rms(x0), the projections' one-op forms keep what the norm keeps anyway (x0, 1 / rms,
+  w) and compute ((gt / rms)^T x0) * w (`tuner.kinds.base.input_for_grad`): one (tokens, hidden)
+  tensor less per norm, no extra pass. `recompute_swiglu` does the like for the SwiGLU output h
+  down_proj reads: gate and up (kept by the SwiGLU backward) and h made again in backward
+  (1,536 values per token per layer), when down_proj runs as one op.
 - The projections that read one input (an attention block's q / k / v, an MLP's gate / up), each
   LoRA'd with one adapter (plain LoRA or DoRA), run as one op (`tuner.shared_input_forward`: one matmul by their
   joined frozen weights, one by their stacked A's, one block-diagonal B update; in backward one
@@ -33,6 +36,7 @@ from torch import nn
 
 from lorafit.ops import fused
 from lorafit.ops.attention import Documents
+from lorafit.tuner.kinds.base import input_for_grad
 from lorafit.tuner.layer import join_shared_input, shared_input_forward
 
 
@@ -43,10 +47,11 @@ class _RMSNorm(torch.autograd.Function):
         y, rstd = fused.rms_norm_forward(x.detach(), weight.detach(), eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         ctx.weight_grad = weight.requires_grad
-        return y
+        ctx.mark_non_differentiable(rstd)
+        return y, rstd
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, dy: torch.Tensor, _: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         dx = fused.rms_norm_backward(x, weight, rstd, dy)
         dw = fused.rms_norm_weight_grad(x, rstd, dy).to(weight.dtype) if ctx.weight_grad else None
@@ -110,11 +115,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type)
         else x.dtype
     )
-    return _RMSNorm.apply(x, weight, eps, out_dtype)
+    y, rstd = _RMSNorm.apply(x, weight, eps, out_dtype)
+    if torch.is_grad_enabled():  # the projections reading y keep x, 1 / rms(x) and w, not y
+        input_for_grad(y, _norm_t_mm, x.detach(), rstd, weight.detach())
+    return y
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _SwiGLU.apply(gate, up)
+def _norm_t_mm(gt, x, rstd, weight):
+    """gt^T y for y = w * x / rms(x), from x: ((gt / rms)^T x) * w, no (tokens, hidden) pass."""
+    n = gt.shape[0]
+    scaled = (gt * rstd.reshape(n, 1)).to(x.dtype)  # (N, r)
+    return scaled.T.mm(x.reshape(n, -1)).mul_(weight.to(x.dtype))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    h = _SwiGLU.apply(gate, up)
+    if recompute and h.requires_grad:  # down_proj keeps gate and up (kept here anyway), not h
+        input_for_grad(h, _swiglu_t_mm, gate.detach(), up.detach())
+    return h
+
+
+def _swiglu_t_mm(gt, gate, up):
+    return gt.T.mm(fused.swiglu_forward(gate, up).reshape(gt.shape[0], -1))
 
 
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -227,42 +249,8 @@ def _documents_attention(self, docs: Documents, qkv: torch.Tensor, position_embe
     return self.o_proj(out.reshape(*qkv.shape[:-1], -1))
 
 
-class _Recompute:
-    """What a saved view of the SwiGLU output is replaced by: its inputs and where the view sat."""
-
-    __slots__ = ("gate", "up", "size", "stride", "offset")
-
-    def __init__(self, gate, up, view):
-        self.gate, self.up = gate, up
-        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
-
-    def tensor(self) -> torch.Tensor:
-        h = fused.swiglu_forward(self.gate, self.up)  # same op, same numbers
-        return h.as_strided(self.size, self.stride, self.offset)
-
-
 def _mlp_forward_recompute(self, x: torch.Tensor) -> torch.Tensor:
-    gate, up = _gate_up(self, x)
-    h = swiglu(gate, up)
-    if not (torch.is_grad_enabled() and h.requires_grad and h.is_contiguous()):
-        return self.down_proj(h)
-    # Autograd keeps the hooks alive with every tensor they saved, so they must not refer to h
-    # (or its storage): only its address and dtype, valid while h is alive (this forward call).
-    ptr, dtype = h.untyped_storage().data_ptr(), h.dtype
-    g, u = (
-        gate.detach(),
-        up.detach(),
-    )  # the SwiGLU backward keeps these tensors already: no new memory
-
-    def pack(t: torch.Tensor):
-        same = t.untyped_storage().data_ptr() == ptr and t.dtype == dtype
-        return _Recompute(g, u, t) if same else t
-
-    def unpack(p):
-        return p.tensor() if isinstance(p, _Recompute) else p
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return self.down_proj(h)
+    return self.down_proj(swiglu(*_gate_up(self, x), recompute=True))
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -286,8 +274,9 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 def patch_model(model: nn.Module, recompute_swiglu: bool = False) -> int:
     """Use the lean ops in recognised modules of `model` (in place); returns how many were patched.
-    `recompute_swiglu` must be off under activation checkpointing (whose own saved-tensor hooks the
-    MLP's would override)."""
+    `recompute_swiglu`: down_proj keeps gate and up rather than the SwiGLU output (moot, and off,
+    under activation checkpointing, which recomputes the whole layer).
+    """
     count = 0
     mlp_forward = _mlp_forward_recompute if recompute_swiglu else _mlp_forward
     for module in model.modules():

@@ -49,6 +49,23 @@ def supports_chunked_head(model: nn.Module) -> bool:
     return True
 
 
+# The labelled rows are padded to a multiple of this (zero rows, left out of the loss): the head's
+# matmuls then see a few row counts, whose oneDNN primitives stay cached, instead of a new count
+# each step (creating the (rows, V) x (V, hidden) one cost ~10 ms, as much as running it).
+ROWS_MULTIPLE = 32
+
+
+def _padded(h: torch.Tensor, target: torch.Tensor, multiple: int):
+    """(h, target, valid) with zero rows (target 0, valid False) up to a multiple of `multiple`."""
+    n, pad = h.shape[0], -h.shape[0] % multiple
+    valid = torch.ones(n + pad, dtype=torch.bool, device=h.device)
+    if pad:
+        h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+        target = torch.cat([target, target.new_zeros(pad)])
+        valid[n:] = False
+    return h, target, valid
+
+
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     """(start, end) of chunks of <= chunk rows, except that a last chunk of 1 row joins the one
     before it: the compiled loss kernel would compile once more for a size-1 dimension."""
@@ -79,15 +96,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        for start, end in _chunks(hidden.shape[0], chunk):
-            h, t = h_all[start:end], target[start:end]
+        n = hidden.shape[0]
+        multiple = ROWS_MULTIPLE if chunk % ROWS_MULTIPLE == 0 else 1  # padding in the last chunk
+        h_all, target, valid = _padded(h_all, target, multiple)
+        for start, end in _chunks(h_all.shape[0], chunk):
+            h, t, ok = h_all[start:end], target[start:end], valid[start:end]
+            real = min(end, n) - start  # rows before the padding
             # t copied: a view would tie the compiled kernel's guards to its base's size (recompiles)
-            part, g = fused.cross_entropy_grad(
-                F.linear(h, W, b), t.clone()
-            )  # g: d(sum CE)/d logits
-            total += part
+            part, g = fused.cross_entropy_grad(F.linear(h, W, b), t.clone(), ok.clone())
+            total += part  # g: d(sum CE)/d logits, zero in padding rows
             if grad_h is not None:
-                grad_h[start:end] = (g @ W).to(hidden.dtype)
+                grad_h[start : start + real] = (g @ W)[:real].to(hidden.dtype)
             if want_w:
                 grad_w += (g.T @ h).to(acc)
             if want_b:

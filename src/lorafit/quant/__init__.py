@@ -18,9 +18,9 @@ from lorafit.quant.linear import (
     quantized_modules,
 )
 
-# Every lorafit import passes here before transformers is imported (the tuner imports it);
-# transformers imports torchao itself when installed, which would print its kernel notices
-# ("Failed to load ..._C_mxfp8...so") on every `lorafit` command.
+# Every use of the LoRA core passes here before transformers' model code is imported (the tuner
+# imports it); transformers imports torchao itself when installed, which would print its kernel
+# notices ("Failed to load ..._C_mxfp8...so").
 import_libraries_quietly()
 
 __all__ = [

@@ -51,13 +51,12 @@ def quiet_import(name: str) -> ModuleType:
 
 
 def import_libraries_quietly() -> None:
-    """Import, silenced, the quantization modules transformers imports by itself when it builds
-    any model (torchao, when installed, for its own quantizers), which would let the notices
-    through. bitsandbytes is not among them: its backends import it (quietly) when used, so a
-    run without it does not carry its ~50 MB."""
-    for name in ("torchao", "transformers.quantizers"):
-        if importlib.util.find_spec(name.partition(".")[0]) is not None:
-            quiet_import(name)
+    """Import transformers' model code with the quantization libraries' notices silenced:
+    transformers imports torchao by itself when it is installed, which would print its kernel
+    notices. (The `lorafit` command has already imported that code without torchao:
+    cli/lean_imports.py; this is then a no-op.) bitsandbytes is not among them: its backends import
+    it (quietly) when used, so a run without it does not carry its ~50 MB."""
+    quiet_import("transformers.modeling_utils")
 
 
 class Backend:

@@ -198,3 +198,27 @@ def kind_of(module: nn.Module) -> LayerKind | None:
 
 def registered_kinds() -> list[LayerKind]:
     return list(_KINDS)
+
+
+# A one-op form keeps its input x for the A gradient, gt^T x (gt: the branch's (tokens, r) output
+# gradient). When x is the output of an op whose own inputs autograd keeps anyway, that op can mark
+# x with those inputs and with how to get gt^T x from them (`input_for_grad`): the one-op form then
+# keeps them instead, and x is freed after the forward. RMSNorm's output w * x / rms(x) gives
+# ((gt / rms)^T x) * w without rebuilding it; SwiGLU's is made again from gate and up.
+_INPUT_FOR_GRAD = "_lorafit_input_for_grad"
+
+
+def input_for_grad(x: torch.Tensor, t_mm: Callable[..., torch.Tensor], *kept: torch.Tensor):
+    """Mark x: `t_mm(gt, *kept)` is gt^T x (2-D, (r, in)); `kept` (detached) stay unchanged until
+    backward. Returns x."""
+    setattr(x, _INPUT_FOR_GRAD, (t_mm, kept))
+    return x
+
+
+def kept_input(x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple]:
+    """(t_mm, tensors to keep) for a one-op form's input x: x's mark, or x itself."""
+    return getattr(x, _INPUT_FOR_GRAD, None) or (_t_mm, (x,))
+
+
+def _t_mm(gt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return gt.T.mm(x.reshape(gt.shape[0], -1))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.tuner.kinds.base import LayerKind, register_kind
+from lorafit.tuner.kinds.base import LayerKind, kept_input, register_kind
 
 
 class LinearKind(LayerKind):
@@ -118,13 +118,14 @@ class _LinearWithBranch(torch.autograd.Function):
         t = F.linear(x2, Ac)  # (N, r)
         y = F.linear(x2, w, bias).addmm_(t, Bc.T)  # (N, out)
         cc = _scale_output(y, c)
-        ctx.save_for_backward(x2, w, t, Ac, Bc, None if cc is None else y, cc)
+        ctx.t_mm, keep = kept_input(x)  # x itself, or what gives gt^T x (`input_for_grad`)
+        ctx.save_for_backward(w, t, Ac, Bc, None if cc is None else y, cc, *keep)
         ctx.scale, ctx.x_shape, ctx.dtypes = scale, x.shape, (A.dtype, B.dtype)
         return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
-        x2, w, t, Ac, Bc, y, cc = ctx.saved_tensors
+        w, t, Ac, Bc, y, cc, *keep = ctx.saved_tensors
         g = gy.reshape(-1, gy.shape[-1])  # (N, out)
         gc = None
         if cc is not None:
@@ -135,7 +136,7 @@ class _LinearWithBranch(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g.mm(w).addmm_(gt, Ac).reshape(ctx.x_shape)  # g, w: x's dtype
         if ctx.needs_input_grad[3]:
-            gA = gt.T.mm(x2).to(ctx.dtypes[0])  # (r, in)
+            gA = ctx.t_mm(gt, *keep).to(ctx.dtypes[0])  # (r, in)
         if ctx.needs_input_grad[4]:
             gB = (g.T.mm(t) * ctx.scale).to(ctx.dtypes[1])  # (out, r)
         return gx, None, None, gA, gB, None, gc
@@ -191,7 +192,9 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         parts = y.split(sizes, 1)
         ccs = [_scale_output(part, c) for part, c in zip(parts, cs)]
         scaled = any(cc is not None for cc in ccs)  # y kept only for the scales' gradients
-        ctx.save_for_backward(x2, weight, t, Ac, Bd, y if scaled else None, *ccs)
+        ctx.t_mm, keep = kept_input(x)
+        ctx.save_for_backward(weight, t, Ac, Bd, y if scaled else None, *keep, *ccs)
+        ctx.keep = len(keep)
         ctx.sizes, ctx.ranks, ctx.scales, ctx.x_shape = sizes, ranks, scales, x.shape
         ctx.dtypes = [a.dtype for a in As] + [b.dtype for b in Bs]
         if joined:
@@ -200,8 +203,9 @@ class _LinearGroupWithBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, weight, t, Ac, Bd, y, *ccs = ctx.saved_tensors
-        k, n = len(ctx.sizes), x2.shape[0]
+        weight, t, Ac, Bd, y, *rest = ctx.saved_tensors
+        keep, ccs = rest[: ctx.keep], rest[ctx.keep :]
+        k, n = len(ctx.sizes), t.shape[0]
         # autograd hands zeros for an output the loss did not use
         if len(grads) == 1 < k:  # the joined output's gradient
             grads = list(grads[0].reshape(n, -1).split(ctx.sizes, 1))
@@ -229,7 +233,7 @@ class _LinearGroupWithBranch(torch.autograd.Function):
             gx = g.mm(weight).addmm_(gt, Ac).reshape(ctx.x_shape)
         gA = [None] * k
         if any(ctx.needs_input_grad[5 : 5 + k]):
-            gA = [p.to(dt) for p, dt in zip(gt.T.mm(x2).split(ctx.ranks), ctx.dtypes)]
+            gA = [p.to(dt) for p, dt in zip(ctx.t_mm(gt, *keep).split(ctx.ranks), ctx.dtypes)]
         gB = [
             (gi.T.mm(ti) * scale).to(dt) if ctx.needs_input_grad[5 + k + i] else None
             for i, (gi, ti, scale, dt) in enumerate(
