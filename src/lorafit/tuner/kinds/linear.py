@@ -108,7 +108,7 @@ class _LinearWithBranch(torch.autograd.Function):
     g W + (g s B) A likewise: two full-size element-wise passes less per layer each step than
     autograd's add of the branch and sum of the two input gradients. The same matmuls otherwise;
     A and B are cast (and B scaled) as `LoraLayer.branch` does, and their gradients come back in
-    their own dtype. With a per-output scale c (out,), y is scaled in place (`_scale_output`)."""
+    their own dtype. With a per-output scale c (out,), c scales W's and B's rows (`_scaled`)."""
 
     @staticmethod
     def forward(ctx, x, w, bias, A, B, scale, c):
@@ -116,8 +116,8 @@ class _LinearWithBranch(torch.autograd.Function):
         Ac = A.to(x.dtype)
         Bc = B.to(x.dtype) * scale  # (out, r)
         t = F.linear(x2, Ac)  # (N, r)
-        y = F.linear(x2, w, bias).addmm_(t, Bc.T)  # (N, out)
-        cc = _scale_output(y, c)
+        cc = _cast_scale(c, x.dtype)
+        y = F.linear(x2, *_scaled(w, bias, cc)).addmm_(t, _scaled(Bc, None, cc)[0].T)  # (N, out)
         ctx.t_mm, keep = kept_input(x)  # x itself, or what gives gt^T x (`input_for_grad`)
         ctx.save_for_backward(w, t, Ac, Bc, None if cc is None else y, cc, *keep)
         ctx.scale, ctx.x_shape, ctx.dtypes = scale, x.shape, (A.dtype, B.dtype)
@@ -127,36 +127,40 @@ class _LinearWithBranch(torch.autograd.Function):
     def backward(ctx, gy):
         w, t, Ac, Bc, y, cc, *keep = ctx.saved_tensors
         g = gy.reshape(-1, gy.shape[-1])  # (N, out)
-        gc = None
-        if cc is not None:
-            gc = _scale_grad(g, y, cc) if ctx.needs_input_grad[6] else None
-            g = g * cc
-        gt = g.mm(Bc)  # (N, r)
+        gc = _scale_grad(g, y, cc) if cc is not None and ctx.needs_input_grad[6] else None
+        gt = g.mm(_scaled(Bc, None, cc)[0])  # (N, r)
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
-            gx = g.mm(w).addmm_(gt, Ac).reshape(ctx.x_shape)  # g, w: x's dtype
+            gx = g.mm(_scaled(w, None, cc)[0]).addmm_(gt, Ac).reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             gA = ctx.t_mm(gt, *keep).to(ctx.dtypes[0])  # (r, in)
         if ctx.needs_input_grad[4]:
-            gB = (g.T.mm(t) * ctx.scale).to(ctx.dtypes[1])  # (out, r)
+            gB = _scaled(g.T.mm(t) * ctx.scale, None, cc)[0].to(ctx.dtypes[1])  # (out, r)
         return gx, None, None, gA, gB, None, gc
 
 
 # An exactly-zero output scale is applied as this power of two instead: the output stays ~1e-18
-# of the unscaled value, and y / c still recovers that value exactly for the scale's gradient.
+# of the unscaled value, and y / c still recovers that value for the scale's gradient.
 _ZERO_SCALE = 2.0**-60
 
 
-def _scale_output(y: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor | None:
-    """y *= c in place over y's last dim (c (out,) cast to y's dtype, as an autograd multiply
-    would); returns the cast c, or None for no scale. Scaling in place and keeping y rather than
-    the unscaled output saves one (tokens, out) tensor per layer until backward (DoRA)."""
+def _cast_scale(c: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A per-output scale c (out,) in the compute dtype (as an autograd multiply would cast it),
+    zeros replaced by `_ZERO_SCALE`; None for no scale."""
     if c is None:
         return None
-    cc = c.detach().to(y.dtype)
-    cc = cc.masked_fill(cc == 0, _ZERO_SCALE)
-    y.mul_(cc)
-    return cc
+    cc = c.detach().to(dtype)
+    return cc.masked_fill(cc == 0, _ZERO_SCALE)
+
+
+def _scaled(w: torch.Tensor, bias: torch.Tensor | None, cc: torch.Tensor | None):
+    """(c * w, c * bias) with c scaling w's rows (outputs); (w, bias) for no scale. The output
+    scale goes into the weights (out x in values) rather than onto the output (tokens x out), in
+    forward and backward alike: c (x W^T + b + t B^T) = x (cW)^T + cb + t (cB)^T, and the input
+    gradient of g is g (cW) + (g (cB)) A, so no (tokens, out) pass is spent on c (DoRA)."""
+    if cc is None:
+        return w, bias
+    return w * cc[:, None], None if bias is None else bias * cc
 
 
 def _scale_grad(g: torch.Tensor, y: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
@@ -175,8 +179,8 @@ class _LinearGroupWithBranch(torch.autograd.Function):
     stacked A's (k r, in), and one `addmm_` of the B's as a block-diagonal (sum out, k r) matrix;
     in backward one matmul of the outputs' gradients side by side for the input gradient (plus
     one for the branches) and one for all the A gradients. The outputs are column blocks of one
-    (tokens, sum out) tensor; a module's per-output scale (or None) scales its block in place,
-    and in backward its block of the side-by-side gradient is written already scaled."""
+    (tokens, sum out) tensor; a module's per-output scale (or None) scales its rows of the joined
+    weight and of the B's (`_scaled`), forward and backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layout, scales, *factors):
@@ -188,12 +192,16 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         Ac = torch.cat(As).to(x.dtype)  # (k r, in)
         Bd = torch.block_diag(*(B * s for B, s in zip(Bs, scales))).to(x.dtype)  # (sum out, k r)
         t = F.linear(x2, Ac)  # (N, k r)
-        y = F.linear(x2, weight, bias).addmm_(t, Bd.T)  # (N, sum out)
-        parts = y.split(sizes, 1)
-        ccs = [_scale_output(part, c) for part, c in zip(parts, cs)]
+        ccs = [_cast_scale(c, x.dtype) for c in cs]
         scaled = any(cc is not None for cc in ccs)  # y kept only for the scales' gradients
+        call = None  # every output's scale (1 where a block has none)
+        if scaled:
+            ones = [x.new_ones(n) for n in sizes]
+            call = torch.cat([one if cc is None else cc for one, cc in zip(ones, ccs)])
+        y = F.linear(x2, *_scaled(weight, bias, call)).addmm_(t, _scaled(Bd, None, call)[0].T)
+        parts = y.split(sizes, 1)
         ctx.t_mm, keep = kept_input(x)
-        ctx.save_for_backward(weight, t, Ac, Bd, y if scaled else None, *keep, *ccs)
+        ctx.save_for_backward(weight, t, Ac, Bd, y if scaled else None, call, *keep, *ccs)
         ctx.keep = len(keep)
         ctx.sizes, ctx.ranks, ctx.scales, ctx.x_shape = sizes, ranks, scales, x.shape
         ctx.dtypes = [a.dtype for a in As] + [b.dtype for b in Bs]
@@ -203,7 +211,7 @@ class _LinearGroupWithBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        weight, t, Ac, Bd, y, *rest = ctx.saved_tensors
+        weight, t, Ac, Bd, y, call, *rest = ctx.saved_tensors
         keep, ccs = rest[: ctx.keep], rest[ctx.keep :]
         k, n = len(ctx.sizes), t.shape[0]
         # autograd hands zeros for an output the loss did not use
@@ -211,33 +219,28 @@ class _LinearGroupWithBranch(torch.autograd.Function):
             grads = list(grads[0].reshape(n, -1).split(ctx.sizes, 1))
         else:
             grads = [gi.reshape(n, -1) for gi in grads]
+        g = _side_by_side(grads)  # (N, sum out)
+        if g is None:
+            g = torch.cat(grads, 1)
         gcs = [None] * k
-        if y is None:  # no block scaled
-            g = _side_by_side(grads)  # (N, sum out)
-            if g is None:
-                g = torch.cat(grads, 1)
-        else:
-            g = torch.empty(n, sum(ctx.sizes), dtype=y.dtype, device=y.device)
-            for i, (gi, yi, cc, gslot) in enumerate(
-                zip(grads, y.split(ctx.sizes, 1), ccs, g.split(ctx.sizes, 1))
-            ):
-                if cc is None:
-                    gslot.copy_(gi)
-                    continue
-                if ctx.needs_input_grad[5 + 2 * k + i]:
-                    gcs[i] = _scale_grad(gi, yi, cc)
-                torch.mul(gi, cc, out=gslot)
+        if call is not None and any(ctx.needs_input_grad[5 + 2 * k :]):
+            # one pass over the joined (contiguous) g and y: column blocks are strided and slower
+            parts = _scale_grad(g, y, call).split(ctx.sizes)
+            gcs = [None if cc is None else p for p, cc in zip(parts, ccs)]
+        Bd = _scaled(Bd, None, call)[0]
         gt = g.mm(Bd)  # (N, k r)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = g.mm(weight).addmm_(gt, Ac).reshape(ctx.x_shape)
+            gx = g.mm(_scaled(weight, None, call)[0]).addmm_(gt, Ac).reshape(ctx.x_shape)
         gA = [None] * k
         if any(ctx.needs_input_grad[5 : 5 + k]):
             gA = [p.to(dt) for p, dt in zip(ctx.t_mm(gt, *keep).split(ctx.ranks), ctx.dtypes)]
         gB = [
-            (gi.T.mm(ti) * scale).to(dt) if ctx.needs_input_grad[5 + k + i] else None
-            for i, (gi, ti, scale, dt) in enumerate(
-                zip(g.split(ctx.sizes, 1), t.split(ctx.ranks, 1), ctx.scales, ctx.dtypes[k:])
+            _scaled(gi.T.mm(ti) * scale, None, cc)[0].to(dt)
+            if ctx.needs_input_grad[5 + k + i]
+            else None
+            for i, (gi, ti, scale, cc, dt) in enumerate(
+                zip(grads, t.split(ctx.ranks, 1), ctx.scales, ccs, ctx.dtypes[k:])
             )
         ]
         return (gx, None, None, None, None, *gA, *gB, *gcs)
