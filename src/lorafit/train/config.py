@@ -118,7 +118,7 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of storing them (least memory, ~10-25% slower)."""
     recompute_mlp: bool = False
-    """SwiGLU models: recompute the SwiGLU output in backward instead of keeping it (a few % to ~15% less peak memory, up to ~8% slower; measured in benchmarks/)."""
+    """SwiGLU models: down_proj keeps gate and up (kept anyway) instead of the SwiGLU output and makes it again in backward, when down_proj runs as one op (SmolLM2 short examples: ~30-50 MB less peak, ~3-4% slower; benchmarks/peft_vs_lorafit.py has the long-sequence rows)."""
     fused_kernels: bool = True
     """Fuse the element-wise pieces of a step (SwiGLU, RMSNorm, the loss's softmax) into one pass each with torch.compile: one compile of a few seconds per process (cached on disk), then ~15-25% faster CPU steps on short examples (benchmarks/short_examples.py). Falls back to eager torch, with a warning, where compiling fails."""
     loss_chunk: int = 256
