@@ -174,7 +174,7 @@ def test_an_input_marked_with_how_to_get_its_product_is_not_kept_and_gives_the_s
     def t_mm(gt, x0):
         return (2 * gt).T.mm(x0.reshape(gt.shape[0], -1))
 
-    def run(mark: bool, grouped: bool):
+    def run(mark: bool, grouped: bool, written: bool = False):
         torch.manual_seed(0)
         model = nn.ModuleDict({"q": nn.Linear(24, 40), "k": nn.Linear(24, 8)})
         inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k"]))
@@ -183,6 +183,8 @@ def test_an_input_marked_with_how_to_get_its_product_is_not_kept_and_gives_the_s
         x = x0 * 2
         if mark:
             input_for_grad(x, t_mm, x0.detach())
+        if written:  # in place after the mark: the mark no longer describes x
+            x.mul_(3)
         alive = weakref.ref(x)
         if grouped:
             from lorafit.tuner.layer import join_shared_input
@@ -205,5 +207,10 @@ def test_an_input_marked_with_how_to_get_its_product_is_not_kept_and_gives_the_s
         assert kept_plain and not kept
         torch.testing.assert_close(gx, gx_plain)
         assert grads.keys() == grads_plain.keys() and len(grads) == 4
+        for name, g in grads.items():
+            torch.testing.assert_close(g, grads_plain[name], rtol=1e-5, atol=1e-6)
+        kept, _, grads = run(True, grouped, written=True)
+        _, _, grads_plain = run(False, grouped, written=True)
+        assert kept  # x itself
         for name, g in grads.items():
             torch.testing.assert_close(g, grads_plain[name], rtol=1e-5, atol=1e-6)

@@ -210,14 +210,17 @@ _INPUT_FOR_GRAD = "_lorafit_input_for_grad"
 
 def input_for_grad(x: torch.Tensor, t_mm: Callable[..., torch.Tensor], *kept: torch.Tensor):
     """Mark x: `t_mm(gt, *kept)` is gt^T x (2-D, (r, in)); `kept` (detached) stay unchanged until
-    backward. Returns x."""
-    setattr(x, _INPUT_FOR_GRAD, (t_mm, kept))
+    backward. Returns x. The mark holds for x as it is now: written in place later, x is kept."""
+    setattr(x, _INPUT_FOR_GRAD, (t_mm, kept, x._version))
     return x
 
 
 def kept_input(x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple]:
     """(t_mm, tensors to keep) for a one-op form's input x: x's mark, or x itself."""
-    return getattr(x, _INPUT_FOR_GRAD, None) or (_t_mm, (x,))
+    mark = getattr(x, _INPUT_FOR_GRAD, None)
+    if mark is None or mark[2] != x._version:
+        return _t_mm, (x,)
+    return mark[0], mark[1]
 
 
 def _t_mm(gt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
