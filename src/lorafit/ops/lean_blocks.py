@@ -130,7 +130,7 @@ def _norm_t_mm(gt, x, rstd, weight):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, recompute: bool = False) -> torch.Tensor:
     h = _SwiGLU.apply(gate, up)
-    if recompute and h.requires_grad:  # down_proj keeps gate and up (kept here anyway), not h
+    if recompute and torch.is_grad_enabled():  # down_proj keeps gate and up, not h
         input_for_grad(h, _swiglu_t_mm, gate.detach(), up.detach())
     return h
 

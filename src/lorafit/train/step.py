@@ -26,8 +26,8 @@ ONEDNN_CACHE = "256"
 compiled primitive per matmul shape. Padding-free rows come in multiples of 64 tokens and the
 loss's labelled rows in multiples of 32 (ops/lm_loss.py), so a run meets a few dozen shapes per
 token count: 256 holds them (creating a primitive costs 0.5-10 ms). An unbounded cache grows with
-the attention's per-document shapes and the head's (rows, vocab) primitives hold ~10 MB each:
-before the row padding, the default peaked ~100 MB higher in a 26-step SmolLM2 run; 16 halved the
+the attention's per-document shapes (a new set each step): before the row padding, the default
+peaked ~100 MB higher in a 26-step SmolLM2 run; 16 halved the
 speed; 256 vs 128 (24 steps in process, 3 interleaved pairs): 0.9% faster, peak 25 MB lower.
 Read when oneDNN creates its first primitive, so it is set here, before the model's first matmul;
 a value the user set is kept."""

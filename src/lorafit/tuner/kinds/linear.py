@@ -108,7 +108,7 @@ class _LinearWithBranch(torch.autograd.Function):
     g W + (g s B) A likewise: two full-size element-wise passes less per layer each step than
     autograd's add of the branch and sum of the two input gradients. The same matmuls otherwise;
     A and B are cast (and B scaled) as `LoraLayer.branch` does, and their gradients come back in
-    their own dtype. With a per-output scale c (out,), c scales W's and B's rows (`_scaled`)."""
+    their own dtype. With a per-output scale c (out,), c scales W's and B's rows (`_rows`)."""
 
     @staticmethod
     def forward(ctx, x, w, bias, A, B, scale, c):
@@ -117,7 +117,8 @@ class _LinearWithBranch(torch.autograd.Function):
         Bc = B.to(x.dtype) * scale  # (out, r)
         t = F.linear(x2, Ac)  # (N, r)
         cc = _cast_scale(c, x.dtype)
-        y = F.linear(x2, *_scaled(w, bias, cc)).addmm_(t, _scaled(Bc, None, cc)[0].T)  # (N, out)
+        b = bias if cc is None or bias is None else bias * cc
+        y = F.linear(x2, _rows(w, cc), b).addmm_(t, _rows(Bc, cc).T)  # (N, out)
         ctx.t_mm, keep = kept_input(x)  # x itself, or what gives gt^T x (`input_for_grad`)
         ctx.save_for_backward(w, t, Ac, Bc, None if cc is None else y, cc, *keep)
         ctx.scale, ctx.x_shape, ctx.dtypes = scale, x.shape, (A.dtype, B.dtype)
@@ -128,14 +129,14 @@ class _LinearWithBranch(torch.autograd.Function):
         w, t, Ac, Bc, y, cc, *keep = ctx.saved_tensors
         g = gy.reshape(-1, gy.shape[-1])  # (N, out)
         gc = _scale_grad(g, y, cc) if cc is not None and ctx.needs_input_grad[6] else None
-        gt = g.mm(_scaled(Bc, None, cc)[0])  # (N, r)
+        gt = g.mm(_rows(Bc, cc))  # (N, r)
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
-            gx = g.mm(_scaled(w, None, cc)[0]).addmm_(gt, Ac).reshape(ctx.x_shape)
+            gx = g.mm(_rows(w, cc)).addmm_(gt, Ac).reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             gA = ctx.t_mm(gt, *keep).to(ctx.dtypes[0])  # (r, in)
         if ctx.needs_input_grad[4]:
-            gB = _scaled(g.T.mm(t) * ctx.scale, None, cc)[0].to(ctx.dtypes[1])  # (out, r)
+            gB = _rows(g.T.mm(t) * ctx.scale, cc).to(ctx.dtypes[1])  # (out, r)
         return gx, None, None, gA, gB, None, gc
 
 
@@ -153,14 +154,12 @@ def _cast_scale(c: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return cc.masked_fill(cc == 0, _ZERO_SCALE)
 
 
-def _scaled(w: torch.Tensor, bias: torch.Tensor | None, cc: torch.Tensor | None):
-    """(c * w, c * bias) with c scaling w's rows (outputs); (w, bias) for no scale. The output
-    scale goes into the weights (out x in values) rather than onto the output (tokens x out), in
-    forward and backward alike: c (x W^T + b + t B^T) = x (cW)^T + cb + t (cB)^T, and the input
-    gradient of g is g (cW) + (g (cB)) A, so no (tokens, out) pass is spent on c (DoRA)."""
-    if cc is None:
-        return w, bias
-    return w * cc[:, None], None if bias is None else bias * cc
+def _rows(m: torch.Tensor, cc: torch.Tensor | None) -> torch.Tensor:
+    """m with its rows (outputs) scaled by c; m for no scale. The output scale goes into the
+    weights (out x in values) rather than onto the output (tokens x out), in forward and backward
+    alike: c (x W^T + b + t B^T) = x (cW)^T + cb + t (cB)^T, and the input gradient of g is
+    g (cW) + (g (cB)) A, so no (tokens, out) pass is spent on c (DoRA)."""
+    return m if cc is None else m * cc[:, None]
 
 
 def _scale_grad(g: torch.Tensor, y: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
@@ -180,7 +179,7 @@ class _LinearGroupWithBranch(torch.autograd.Function):
     in backward one matmul of the outputs' gradients side by side for the input gradient (plus
     one for the branches) and one for all the A gradients. The outputs are column blocks of one
     (tokens, sum out) tensor; a module's per-output scale (or None) scales its rows of the joined
-    weight and of the B's (`_scaled`), forward and backward."""
+    weight and of the B's (`_rows`), forward and backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layout, scales, *factors):
@@ -193,16 +192,15 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         Bd = torch.block_diag(*(B * s for B, s in zip(Bs, scales))).to(x.dtype)  # (sum out, k r)
         t = F.linear(x2, Ac)  # (N, k r)
         ccs = [_cast_scale(c, x.dtype) for c in cs]
-        scaled = any(cc is not None for cc in ccs)  # y kept only for the scales' gradients
+        ctx.scaled = [cc is not None for cc in ccs]  # y kept only for the scales' gradients
         call = None  # every output's scale (1 where a block has none)
-        if scaled:
-            ones = [x.new_ones(n) for n in sizes]
-            call = torch.cat([one if cc is None else cc for one, cc in zip(ones, ccs)])
-        y = F.linear(x2, *_scaled(weight, bias, call)).addmm_(t, _scaled(Bd, None, call)[0].T)
+        if any(ctx.scaled):
+            call = torch.cat([x.new_ones(n) if cc is None else cc for n, cc in zip(sizes, ccs)])
+        b = bias if call is None or bias is None else bias * call
+        y = F.linear(x2, _rows(weight, call), b).addmm_(t, _rows(Bd, call).T)
         parts = y.split(sizes, 1)
         ctx.t_mm, keep = kept_input(x)
-        ctx.save_for_backward(weight, t, Ac, Bd, y if scaled else None, call, *keep, *ccs)
-        ctx.keep = len(keep)
+        ctx.save_for_backward(weight, t, Ac, Bd, None if call is None else y, call, *keep)
         ctx.sizes, ctx.ranks, ctx.scales, ctx.x_shape = sizes, ranks, scales, x.shape
         ctx.dtypes = [a.dtype for a in As] + [b.dtype for b in Bs]
         if joined:
@@ -211,8 +209,7 @@ class _LinearGroupWithBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        weight, t, Ac, Bd, y, call, *rest = ctx.saved_tensors
-        keep, ccs = rest[: ctx.keep], rest[ctx.keep :]
+        weight, t, Ac, Bd, y, call, *keep = ctx.saved_tensors
         k, n = len(ctx.sizes), t.shape[0]
         # autograd hands zeros for an output the loss did not use
         if len(grads) == 1 < k:  # the joined output's gradient
@@ -222,23 +219,24 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         g = _side_by_side(grads)  # (N, sum out)
         if g is None:
             g = torch.cat(grads, 1)
+        ccs = [None] * k  # each block's scale, or None
+        if call is not None:
+            ccs = [cc if on else None for cc, on in zip(call.split(ctx.sizes), ctx.scaled)]
         gcs = [None] * k
         if call is not None and any(ctx.needs_input_grad[5 + 2 * k :]):
             # one pass over the joined (contiguous) g and y: column blocks are strided and slower
             parts = _scale_grad(g, y, call).split(ctx.sizes)
             gcs = [None if cc is None else p for p, cc in zip(parts, ccs)]
-        Bd = _scaled(Bd, None, call)[0]
+        Bd = _rows(Bd, call)
         gt = g.mm(Bd)  # (N, k r)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = g.mm(_scaled(weight, None, call)[0]).addmm_(gt, Ac).reshape(ctx.x_shape)
+            gx = g.mm(_rows(weight, call)).addmm_(gt, Ac).reshape(ctx.x_shape)
         gA = [None] * k
         if any(ctx.needs_input_grad[5 : 5 + k]):
             gA = [p.to(dt) for p, dt in zip(ctx.t_mm(gt, *keep).split(ctx.ranks), ctx.dtypes)]
         gB = [
-            _scaled(gi.T.mm(ti) * scale, None, cc)[0].to(dt)
-            if ctx.needs_input_grad[5 + k + i]
-            else None
+            _rows(gi.T.mm(ti) * scale, cc).to(dt) if ctx.needs_input_grad[5 + k + i] else None
             for i, (gi, ti, scale, cc, dt) in enumerate(
                 zip(grads, t.split(ctx.ranks, 1), ctx.scales, ccs, ctx.dtypes[k:])
             )
