@@ -37,7 +37,6 @@ def import_model_code() -> bool:
         def available(*args, **kwargs):
             return False if hiding else check(*args, **kwargs)
 
-        available.__wrapped__ = check
         return available
 
     for name, check in real.items():
