@@ -50,7 +50,7 @@ class Row:
     dora: bool = False
     precision: str = "default"  # "fp32" | "bf16" | "default" (lorafit's own default: TrainOptions)
     gc: bool = False  # gradient checkpointing (lorafit rows without it use the library's default)
-    recompute_mlp: bool = False  # lorafit: train.recompute_mlp
+    recompute_mlp: bool | None = None  # lorafit: train.recompute_mlp (None: the library's default)
     every_len: bool = True  # False: only at --extra-seq-lens
 
 
@@ -61,7 +61,7 @@ ROWS = {
     ),
     "lorafit": Row("lorafit default", "lorafit"),
     "lorafit-gc": Row("lorafit + gradient checkpointing", "lorafit", gc=True),
-    "lorafit-rmlp": Row("lorafit + recompute_mlp", "lorafit", recompute_mlp=True),
+    "lorafit-keep-h": Row("lorafit, SwiGLU output kept", "lorafit", recompute_mlp=False),
     "lorafit-fp32": Row("lorafit fp32", "lorafit", precision="fp32", every_len=False),
     "peft-dora-fp32": Row(
         "PEFT DoRA default fp32", "peft", dora=True, precision="fp32", every_len=False
@@ -283,7 +283,7 @@ def child_run(args, key: str, T: int, out: Path) -> dict:
             model,
             precision,
             row.gc or defaults.gradient_checkpointing,  # what `train` runs
-            row.recompute_mlp or defaults.recompute_mlp,
+            defaults.recompute_mlp if row.recompute_mlp is None else row.recompute_mlp,
         )
 
         def step(batch):

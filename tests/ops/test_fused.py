@@ -24,7 +24,7 @@ def _inputs(kernel: str, shape: tuple[int, ...], dtype: torch.dtype):
     H = shape[-1]
     if kernel == "swiglu_forward":
         return r(*shape), r(*shape)
-    if kernel == "swiglu_backward":
+    if kernel in ("swiglu_backward", "swiglu_backward_and_forward"):
         return r(*shape), r(*shape), r(*shape)
     if kernel.startswith("rotary_rows"):  # (N, q | k | v) rows, 2 rotated heads of 8 + v (8)
         n = shape[0] * shape[1]
@@ -37,18 +37,27 @@ def _inputs(kernel: str, shape: tuple[int, ...], dtype: torch.dtype):
         return x, w, rstd, r(*shape)
     if kernel == "rms_norm_weight_grad":
         return x, rstd, r(*shape)
-    logits = r(shape[0] * shape[1], 50) * 4  # cross_entropy_grad: (n, V)
+    logits = r(shape[0] * shape[1], 50) * 4  # cross_entropy_grad_: (n, V)
     target = torch.randint(0, 50, (logits.shape[0],), generator=g)
+    if kernel == "cross_entropy_hits":
+        target[::3] = logits[::3].float().argmax(-1)  # some rows predicted right
+        return logits, target
     return logits, target, torch.rand(logits.shape[0], generator=g) < 0.7  # some rows left out
+
+
+def _copies(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
 KERNELS = [
     "swiglu_forward",
     "swiglu_backward",
+    "swiglu_backward_and_forward",
     "rms_norm_forward",
     "rms_norm_backward",
     "rms_norm_weight_grad",
-    "cross_entropy_grad",
+    "cross_entropy_grad_",
+    "cross_entropy_hits",
     "rotary_rows_forward",
     "rotary_rows_backward",
 ]
@@ -66,7 +75,7 @@ def test_compiled_kernel_matches_its_eager_reference_at_every_shape(name, dtype)
     kernel.compiled, kernel.failed = None, False
     for shape in [(2, 7, 24), (3, 13, 24)]:  # batches of another length reuse the compile
         args = _inputs(name, shape, dtype)
-        got, want = kernel(*args), kernel.fn(*args)
+        got, want = kernel(*_copies(args)), kernel.fn(*_copies(args))  # one kernel writes its input
         assert kernel.compiled is not None and not kernel.failed
         for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
             assert g.dtype == w.dtype and g.shape == w.shape
@@ -74,17 +83,32 @@ def test_compiled_kernel_matches_its_eager_reference_at_every_shape(name, dtype)
             torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * w.abs().max())
 
 
-def test_cross_entropy_grad_is_the_loss_and_gradient_of_f_cross_entropy():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_cross_entropy_grad_is_the_loss_and_gradient_of_f_cross_entropy(compiled):
     """Over the valid rows (the others: no loss, zero gradient), as F.cross_entropy with
-    ignore_index gives them."""
-    logits, target, valid = _inputs("cross_entropy_grad", (4, 9, 8), torch.float32)
+    ignore_index gives them; the gradient is written over the logits (no second (n, V) tensor)."""
+    fused.set_fusion(compiled)
+    logits, target, valid = _inputs("cross_entropy_grad_", (4, 9, 8), torch.float32)
     assert 0 < valid.sum() < len(valid)
     leaf = logits.clone().requires_grad_(True)
     want = F.cross_entropy(leaf, target.masked_fill(~valid, -100), reduction="sum")
     want.backward()
-    loss, grad = fused.cross_entropy_grad(logits, target, valid)
+    loss, grad = fused.cross_entropy_grad_(logits, target, valid)
     torch.testing.assert_close(loss, want.detach())
     torch.testing.assert_close(grad, leaf.grad)
+    assert grad.data_ptr() == logits.data_ptr()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_cross_entropy_hits_is_f_cross_entropy_and_the_argmax_hits(compiled):
+    fused.set_fusion(compiled)
+    logits, target = _inputs("cross_entropy_hits", (4, 9, 8), torch.bfloat16)
+    logits[1, :] = 0.5  # a row of ties: argmax is the first column, as torch's
+    target[1] = 0
+    loss, hits = fused.cross_entropy_hits(logits, target)
+    want = F.cross_entropy(logits.float(), target, reduction="sum")
+    torch.testing.assert_close(loss, want)
+    assert hits.item() == (logits.float().argmax(-1) == target).sum().item() >= 13
 
 
 def test_swiglu_backward_is_the_gradient_of_swiglu_forward():

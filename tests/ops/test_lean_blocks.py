@@ -135,6 +135,43 @@ def test_swiglu_recompute_frees_the_output_and_changes_nothing(dropout, monkeypa
         assert torch.equal(lean_grads[name], g), name
 
 
+@pytest.mark.parametrize("also_read", [False, True])
+def test_swiglu_gradient_made_in_down_projs_backward_is_used_only_when_it_is_the_whole_gradient(
+    also_read, monkeypatch
+):
+    """With recompute, down_proj's backward makes SwiGLU's gradient in the pass that makes h
+    again, and SwiGLU's backward takes it instead of computing its own. When h is read by
+    something else too (its gradient is then a sum), SwiGLU computes its own: the gradients
+    equal the plain path's either way."""
+    from torch import nn
+
+    from lorafit.ops import fused
+
+    own = []
+    real = fused.swiglu_backward
+    monkeypatch.setattr(fused, "swiglu_backward", lambda *a: own.append(1) or real(*a))
+
+    def run(recompute: bool):
+        torch.manual_seed(0)
+        down = nn.ModuleDict({"down": nn.Linear(12, 6)})
+        inject(down, LoraConfig(r=2, target_modules=["down"]))
+        randomize_adapters(down)
+        gate = torch.randn(4, 3, 12, requires_grad=True)
+        up = torch.randn(4, 3, 12, requires_grad=True)
+        h = swiglu(gate, up, recompute=recompute)
+        loss = down["down"](h).pow(2).sum() + (h.sum() * 3 if also_read else 0)
+        loss.backward()
+        grads = [gate.grad, up.grad] + [p.grad for p in down.parameters() if p.requires_grad]
+        return grads
+
+    plain = run(False)
+    own.clear()
+    lean = run(True)
+    assert len(own) == (1 if also_read else 0)  # taken from down_proj's backward unless summed
+    for a, b in zip(plain, lean, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_rotary_equals_transformers_and_its_gradient_checks():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

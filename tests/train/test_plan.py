@@ -84,7 +84,10 @@ def test_the_estimate_moves_the_right_way():
     longer = estimate_memory(cfg, seq_len=1024, runtime_bytes=0)
     ckpt = estimate_memory(cfg, seq_len=512, gradient_checkpointing=True, runtime_bytes=0)
     assert 1.9 < longer.activations / base.activations < 2.1
-    assert ckpt.activations < base.activations / 4 and ckpt.total < base.total
+    assert ckpt.activations < base.activations / 3.5
+    # where the step, not the float32 load, is the peak, checkpointing lowers it
+    at_4k = [estimate_memory(cfg, seq_len=4096, gradient_checkpointing=c) for c in (False, True)]
+    assert at_4k[1].total < at_4k[0].total
     assert ckpt.activations == base.activations_other and base.activations == ckpt.activations_other
     nf4 = estimate_memory(cfg, quantize="nf4", runtime_bytes=0)
     int8 = estimate_memory(cfg, quantize="int8", runtime_bytes=0)
@@ -93,7 +96,7 @@ def test_the_estimate_moves_the_right_way():
     assert 1.9 < bf16_linear / int8.weights["int8 linear"] < 2.0
     assert nf4.total < int8.total < base.total
     small_chunk = estimate_memory(cfg, loss_chunk=64, runtime_bytes=0)
-    assert small_chunk.loss < base.loss / 3
+    assert small_chunk.loss < base.loss / 2.5
     assert estimate_memory(cfg, runtime_bytes=123).total == base.total + 123
     # An unquantized base loads in float32 (model.dtype auto), then bf16 training casts it.
     assert base.loading > sum(base.weights.values()) * 1.9

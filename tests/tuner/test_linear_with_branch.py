@@ -171,7 +171,8 @@ def test_an_input_marked_with_how_to_get_its_product_is_not_kept_and_gives_the_s
     from lorafit.tuner.kinds.base import input_for_grad
     from lorafit.tuner.layer import shared_input_forward
 
-    def t_mm(gt, x0):
+    def t_mm(gt, gx, x0):
+        assert gx is not None and gx.shape == x0.shape  # x's gradient, computed just before
         return (2 * gt).T.mm(x0.reshape(gt.shape[0], -1))
 
     def run(mark: bool, grouped: bool, written: bool = False):

@@ -13,8 +13,6 @@ a documented format: https://github.com/huggingface/safetensors#format).
 
 from __future__ import annotations
 
-import ctypes
-import os
 import json
 import pathlib
 import struct
@@ -23,6 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from lorafit.models.heap import cap_mmap_threshold, return_freed_memory
 from lorafit.quant import QuantizedLinear, pick_backend, quantizable
 
 _ST_DTYPES = {
@@ -153,7 +152,7 @@ def load_streaming(
             _set_module(model, path, q)
             quantized.add(path)
             del tensor
-            _return_freed_memory()
+            return_freed_memory()  # the fp32 read buffer and the quantizer's temporaries
             continue
         if path in quantized and leaf == "bias":
             module.bias = nn.Parameter(tensor, requires_grad=False)
@@ -167,45 +166,6 @@ def load_streaming(
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
-
-
-def _return_freed_memory() -> None:
-    """Hand the fp32 read buffer and the quantizer's temporaries back to the OS. glibc raises its
-    mmap threshold after such frees and then serves same-sized blocks from the heap, where freed
-    memory stays in the process: without this, loading an NF4 model kept ~3x its size resident."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD_BYTES = 8 << 20
-_capped = False
-
-
-def cap_mmap_threshold() -> None:
-    """Serve blocks of 8 MiB and more from mmap for the rest of the process, so their memory goes
-    back to the OS when freed. glibc's own threshold climbs to 32 MiB after the first large frees;
-    the heap then keeps dequantized weights and activations resident between uses (the 1.7B NF4
-    run of benchmarks/qlora.py peaked at 2.57 GB instead of 2.36-2.40 GB, with no step-time
-    difference; a 1 MiB threshold peaks at 2.03 GB but steps run 1.5-1.9x slower). A user's own
-    MALLOC_MMAP_THRESHOLD_ is left alone."""
-    global _capped
-    if _capped or _LIBC is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    _capped = True
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018  (glibc only)
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:

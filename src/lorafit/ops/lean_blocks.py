@@ -60,15 +60,46 @@ class _RMSNorm(torch.autograd.Function):
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, ahead: _GradAhead | None):
         ctx.save_for_backward(gate, up)
+        ctx.ahead = ahead
         return fused.swiglu_forward(gate.detach(), up.detach())
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         gate, up = ctx.saved_tensors
-        d = fused.swiglu_backward(gate, up, dout)  # (..., 2 I): the two gradients side by side
-        return d.split(gate.shape[-1], -1)
+        d = ctx.ahead.take(dout) if ctx.ahead is not None else None
+        if d is None:
+            d = fused.swiglu_backward(gate, up, dout)  # (..., 2 I): the two gradients side by side
+        return *d.split(gate.shape[-1], -1), None
+
+
+class _GradAhead:
+    """down_proj's one-op backward, holding gate and up instead of h = silu(gate) * up, makes h
+    again for its A gradient; it has h's gradient in hand by then, so it computes SwiGLU's
+    gradient in the same pass (`fused.swiglu_backward_and_forward`) and leaves it here for
+    `_SwiGLU.backward`, which takes it if the gradient it is handed is that very tensor (h read by
+    nothing else: no sum of gradients, no write since), else computes its own."""
+
+    def __init__(self):
+        self.d: torch.Tensor | None = None
+        self.key: tuple | None = None
+
+    def t_mm(self, gt: torch.Tensor, gh: torch.Tensor | None, gate, up) -> torch.Tensor:
+        if gh is None:
+            h = fused.swiglu_forward(gate, up)
+        else:
+            self.d, h = fused.swiglu_backward_and_forward(gate, up, gh)
+            self.key = _identity(gh)
+        return gt.T.mm(h.reshape(gt.shape[0], -1))
+
+    def take(self, dout: torch.Tensor) -> torch.Tensor | None:
+        d, key, self.d, self.key = self.d, self.key, None, None
+        return d if d is not None and key == _identity(dout) else None
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t._version, t.shape, t.stride(), t.dtype
 
 
 class _Rotary(torch.autograd.Function):
@@ -121,7 +152,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-def _norm_t_mm(gt, x, rstd, weight):
+def _norm_t_mm(gt, gx, x, rstd, weight):
     """gt^T y for y = w * x / rms(x), from x: ((gt / rms)^T x) * w, no (tokens, hidden) pass."""
     n = gt.shape[0]
     scaled = (gt * rstd.reshape(n, 1)).to(x.dtype)  # (N, r)
@@ -129,14 +160,10 @@ def _norm_t_mm(gt, x, rstd, weight):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, recompute: bool = False) -> torch.Tensor:
-    h = _SwiGLU.apply(gate, up)
-    if recompute and torch.is_grad_enabled():  # down_proj keeps gate and up, not h
-        input_for_grad(h, _swiglu_t_mm, gate.detach(), up.detach())
-    return h
-
-
-def _swiglu_t_mm(gt, gate, up):
-    return gt.T.mm(fused.swiglu_forward(gate, up).reshape(gt.shape[0], -1))
+    if not (recompute and torch.is_grad_enabled()):
+        return _SwiGLU.apply(gate, up, None)
+    ahead = _GradAhead()  # down_proj keeps gate and up, not h, and hands back SwiGLU's gradient
+    return input_for_grad(_SwiGLU.apply(gate, up, ahead), ahead.t_mm, gate.detach(), up.detach())
 
 
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

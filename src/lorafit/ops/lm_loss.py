@@ -103,8 +103,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t, ok = h_all[start:end], target[start:end], valid[start:end]
             real = min(end, n) - start  # rows before the padding
             # t copied: a view would tie the compiled kernel's guards to its base's size (recompiles)
-            part, g = fused.cross_entropy_grad(F.linear(h, W, b), t.clone(), ok.clone())
-            total += part  # g: d(sum CE)/d logits, zero in padding rows
+            part, g = fused.cross_entropy_grad_(F.linear(h, W, b), t.clone(), ok.clone())
+            total += part  # g: d(sum CE)/d logits (written over them), zero in padding rows
             if grad_h is not None:
                 grad_h[start : start + real] = (g @ W)[:real].to(hidden.dtype)
             if want_w:
@@ -137,8 +137,7 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def _chunk_loss_and_hits(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
-    logits = head(hidden).float()  # (n, V)
-    return F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum()
+    return fused.cross_entropy_hits(head(hidden), labels.clone())  # no graph: evaluation
 
 
 def causal_lm_loss(

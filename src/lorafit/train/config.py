@@ -117,8 +117,8 @@ class TrainOptions:
     """auto (bf16 autocast where the hardware runs it fast, else fp32), fp32 or bf16."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of storing them (least memory, ~10-25% slower)."""
-    recompute_mlp: bool = False
-    """SwiGLU models: down_proj keeps gate and up (kept anyway) instead of the SwiGLU output and makes it again in backward, when down_proj runs as one op (SmolLM2 short examples: ~30-50 MB less peak, ~3-4% slower; benchmarks/peft_vs_lorafit.py has the long-sequence rows)."""
+    recompute_mlp: bool = True
+    """SwiGLU models: down_proj keeps gate and up (kept anyway) instead of the SwiGLU output and makes it again in backward, in the pass that computes SwiGLU's gradient, when down_proj runs as one op (SmolLM2 short examples: ~50-70 MB less peak, the same speed within noise; false keeps the output)."""
     fused_kernels: bool = True
     """Fuse the element-wise pieces of a step (SwiGLU, RMSNorm, the loss's softmax) into one pass each with torch.compile: one compile of a few seconds per process (cached on disk), then ~15-25% faster CPU steps on short examples (benchmarks/short_examples.py). Falls back to eager torch, with a warning, where compiling fails."""
     loss_chunk: int = 256

@@ -40,7 +40,8 @@ from lorafit.tuner.inject import find_targets, inject, output_head_names
 from lorafit.tuner.kinds import kind_of
 
 # Measured (peak RSS, VmHWM, of fresh processes; the README has the table):
-LOSS_BYTES_PER_LOGIT = 14  # per chunk x vocab logit: bf16 matmul out, fp32 copy, scratch, grad
+# A loss chunk's logits, in the compute dtype, exist once: their gradient is written over them.
+LOGIT_COPIES = 1
 BACKWARD_BYTES_PER_MLP = 24  # one layer's backward scratch per token and intermediate unit
 QUANT_SCRATCH_BYTES = {"nf4": 9, "int8": 6}  # per weight of the largest linear, while loading
 MODEL_FIXED_BYTES = 48 << 20  # a loaded model beyond its tensors: objects, buffers (47-58 MB)
@@ -125,7 +126,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False, lora_r: int = 8, target_modules="all-linear",
     use_dora: bool = False, loss_chunk: int = TrainOptions.loss_chunk, method: str = "lora",
     runtime_bytes: int | None = None, load_dtype: torch.dtype | None = None,
-    recompute_mlp: bool = False,
+    recompute_mlp: bool = True,
 ) -> MemoryEstimate:  # fmt: skip
     """The peak RSS of training a model of `hf_config` (a transformers config), by part.
 
@@ -183,21 +184,23 @@ def estimate_memory(
     lean, notes = patch_model(model) > 0, []
     names = {"q_proj", "gate_proj", "down_proj"} if full else targeted
     per = 4 * h + 2 * kv + 2 * inter + lora_r * len(targeted)
+    swiglu_out = 0  # down_proj's input, kept unless recompute_mlp (always under checkpointing)
     if lean:
         per += h * bool(names & {"q_proj", "k_proj", "v_proj"})
         per += h * bool(names & {"gate_proj", "up_proj"})
-        per += inter * ("down_proj" in names and not (recompute_mlp and not gradient_checkpointing))
+        swiglu_out = b * inter * ("down_proj" in names)
         per = b * per + 4 * nh + 8
     else:  # transformers' own blocks keep more (fp32 norm outputs, activation inputs, masks)
         notes.append(f"{type(model).__name__} has no lean blocks: activations are approximate")
         per = b * (per + 6 * h + inter) + 4 * nh
     tokens = batch_size * seq_len
-    with_ckpt = tokens * (n_layers * b * h + per + 2 * b * h)  # inputs, one layer recomputed
-    without = tokens * (n_layers * per + 2 * b * h)  # (+ the final norm's input and output)
+    with_ckpt = tokens * (n_layers * b * h + per + swiglu_out + 2 * b * h)  # one layer recomputed
+    kept = per + (0 if recompute_mlp else swiglu_out)
+    without = tokens * (n_layers * kept + 2 * b * h)  # (+ the final norm's input and output)
     acts, other = (with_ckpt, without) if gradient_checkpointing else (without, with_ckpt)
     vocab = getattr(text, "vocab_size", 0) if head == "causal-lm" else 0
     targets = batch_size * (seq_len - 1)  # every position labelled: the worst case
-    loss = LOSS_BYTES_PER_LOGIT * min(loss_chunk, targets) * vocab + 2 * b * targets * h
+    loss = LOGIT_COPIES * b * min(loss_chunk, targets) * vocab + 2 * b * targets * h
     backward = tokens * BACKWARD_BYTES_PER_MLP * inter
     if quantized:  # one layer's weight dequantized (forward and backward)
         backward += 2 * b * largest_linear

@@ -38,7 +38,7 @@ def prepare_for_training(
     model: nn.Module,
     precision: str,
     gradient_checkpointing: bool = False,
-    recompute_mlp: bool = False,
+    recompute_mlp: bool = True,
     fused_kernels: bool = True,
     frozen_bf16: bool = True,
 ) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from lorafit import atomic
 from lorafit.data.batching import num_batches
+from lorafit.models.heap import return_freed_memory
 from lorafit.ops.precision import autocast_context
 from lorafit.tasks import get_task
 import lorafit.train.checkpoints as ckpt
@@ -194,6 +195,7 @@ class Trainer:
                 self.dispatch("on_step_end", out)
         finally:
             self.model.eval()
+            return_freed_memory()  # what is left (saving, the plot) runs without the steps' heap
             self.dispatch("on_fit_end")
 
     def train_step(self, stream) -> StepOutput:
@@ -240,6 +242,7 @@ class Trainer:
         Under torch.distributed rank 0 computes them and every rank gets its numbers."""
         t, d = self.cfg.train, self.data
         metrics = None
+        return_freed_memory()  # the steps' freed activations: not resident under the evaluation
         if self.is_main or self.dist.layers:  # sharded layers need every rank in the forward
             with autocast_context(d.precision, d.device):
                 metrics = self.task.evaluate(

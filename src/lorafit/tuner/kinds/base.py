@@ -204,13 +204,16 @@ def registered_kinds() -> list[LayerKind]:
 # gradient). When x is the output of an op whose own inputs autograd keeps anyway, that op can mark
 # x with those inputs and with how to get gt^T x from them (`input_for_grad`): the one-op form then
 # keeps them instead, and x is freed after the forward. RMSNorm's output w * x / rms(x) gives
-# ((gt / rms)^T x) * w without rebuilding it; SwiGLU's is made again from gate and up.
+# ((gt / rms)^T x) * w without rebuilding it; SwiGLU's is made again from gate and up, in the same
+# pass as SwiGLU's own backward (which is why the function also gets x's gradient).
 _INPUT_FOR_GRAD = "_lorafit_input_for_grad"
 
 
 def input_for_grad(x: torch.Tensor, t_mm: Callable[..., torch.Tensor], *kept: torch.Tensor):
-    """Mark x: `t_mm(gt, *kept)` is gt^T x (2-D, (r, in)); `kept` (detached) stay unchanged until
-    backward. Returns x. The mark holds for x as it is now: written in place later, x is kept."""
+    """Mark x: `t_mm(gt, gx, *kept)` is gt^T x (2-D, (r, in)), where gx is the gradient of x the
+    one-op form computed just before (the tensor its backward returns; None when it computed
+    none); `kept` (detached) stay unchanged until backward. Returns x. The mark holds for x as it
+    is now: written in place later, x is kept."""
     setattr(x, _INPUT_FOR_GRAD, (t_mm, kept, x._version))
     return x
 
@@ -223,5 +226,5 @@ def kept_input(x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple]:
     return mark[0], mark[1]
 
 
-def _t_mm(gt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _t_mm(gt: torch.Tensor, gx: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return gt.T.mm(x.reshape(gt.shape[0], -1))

@@ -134,7 +134,7 @@ class _LinearWithBranch(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g.mm(_rows(w, cc)).addmm_(gt, Ac).reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            gA = ctx.t_mm(gt, *keep).to(ctx.dtypes[0])  # (r, in)
+            gA = ctx.t_mm(gt, gx, *keep).to(ctx.dtypes[0])  # (r, in)
         if ctx.needs_input_grad[4]:
             gB = _rows(g.T.mm(t) * ctx.scale, cc).to(ctx.dtypes[1])  # (out, r)
         return gx, None, None, gA, gB, None, gc
@@ -234,7 +234,7 @@ class _LinearGroupWithBranch(torch.autograd.Function):
             gx = g.mm(_rows(weight, call)).addmm_(gt, Ac).reshape(ctx.x_shape)
         gA = [None] * k
         if any(ctx.needs_input_grad[5 : 5 + k]):
-            gA = [p.to(dt) for p, dt in zip(ctx.t_mm(gt, *keep).split(ctx.ranks), ctx.dtypes)]
+            gA = [p.to(dt) for p, dt in zip(ctx.t_mm(gt, gx, *keep).split(ctx.ranks), ctx.dtypes)]
         gB = [
             _rows(gi.T.mm(ti) * scale, cc).to(dt) if ctx.needs_input_grad[5 + k + i] else None
             for i, (gi, ti, scale, cc, dt) in enumerate(
