@@ -8,6 +8,10 @@ import textwrap
 
 import pytest
 
+from lorafit.models import heap
+
+GLIBC = pytest.mark.skipif(heap._LIBC is None, reason="glibc's mallopt / malloc_trim")
+
 
 def _run(script: str, mode: str) -> dict:
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
@@ -38,7 +42,7 @@ FREED_BLOCKS = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@GLIBC
 def test_freed_large_blocks_go_back_to_the_os_once_loading_caps_the_threshold():
     """Without the cap, a freed 20 MiB block stays resident in glibc's heap (then a training step's
     dequantized weights and activations pile up there: the 1.7B NF4 run peaked 0.2 GB higher)."""
@@ -71,7 +75,7 @@ SMALL_BLOCKS = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+@GLIBC
 def test_return_freed_memory_hands_back_freed_blocks_between_live_ones():
     """An evaluation after training steps starts from the steps' freed activations: without the
     trim they stay resident under the evaluation's own memory."""

@@ -142,6 +142,36 @@ def test_a_kernel_that_cannot_compile_warns_once_and_runs_eagerly(monkeypatch):
     assert calls == [1] and kernel.failed
 
 
+@pytest.mark.parametrize("failure", ["compiling", "running"])
+def test_a_kernel_that_writes_its_input_falls_back_only_when_compiling_failed(failure, monkeypatch):
+    """cross_entropy_grad_ writes the gradient over the logits: after a failure while running
+    (out of memory, say) the logits may be half-written, and an eager rerun would compute the loss
+    of that, silently. Only a compile error (raised before anything runs) falls back."""
+
+    def broken_compile(fn, **kwargs):
+        def run(logits, *rest):
+            if failure == "compiling":
+                raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+            logits.zero_()  # what a kernel that stopped half-way leaves
+            raise RuntimeError("can't allocate memory")
+
+        return run
+
+    monkeypatch.setattr(fused.torch, "compile", broken_compile)
+    kernel = fused.fused(fused.cross_entropy_grad_.fn, writes_input=True)
+    logits, target, valid = _inputs("cross_entropy_grad_", (2, 3, 8), torch.float32)
+    want = fused.cross_entropy_grad_.fn(logits.clone(), target, valid)
+    if failure == "running":
+        with pytest.raises(RuntimeError, match="allocate"):
+            kernel(logits, target, valid)
+        assert not kernel.failed
+        return
+    with pytest.warns(RuntimeWarning, match="could not compile"):
+        got = kernel(logits, target, valid)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
 def test_fused_kernels_false_in_the_run_config_runs_eager_torch(monkeypatch):
     def no_compile(fn, **kwargs):
         raise AssertionError("compiled although fused_kernels is off")

@@ -104,6 +104,21 @@ def test_the_estimate_moves_the_right_way():
     assert as_bf16.loading < base.loading and as_bf16.total <= base.total
 
 
+def test_the_swiglu_output_is_counted_where_down_proj_keeps_it():
+    """recompute_mlp drops the SwiGLU output only where down_proj runs as LoRA's one op: a
+    quantized base and full fine-tuning keep it whatever the setting (the caller passes False
+    for LoRA dropout and ReLoRA's fp32 frozen weights)."""
+    cfg = llama_config()
+    kw = {"seq_len": 512, "runtime_bytes": 0}
+    lean, kept = (estimate_memory(cfg, recompute_mlp=r, **kw) for r in (True, False))
+    assert kept.activations > lean.activations
+    for other in ({"quantize": "nf4"}, {"method": "full"}):
+        a, b = (estimate_memory(cfg, recompute_mlp=r, **other, **kw) for r in (True, False))
+        assert a.activations == b.activations, other
+    eager = estimate_memory(cfg, fused_kernels=False, **kw)
+    assert eager.loss > lean.loss  # the eager loss's fp32 copies of each chunk's logits
+
+
 def test_quantized_bytes_are_what_quantize_model_stores():
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("torchao")

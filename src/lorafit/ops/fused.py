@@ -3,7 +3,8 @@
 A LoRA step on short examples is memory-bound outside the matmuls: SwiGLU's backward in eager
 torch makes ~12 passes over fp32 tensors of tokens x intermediate values, and took 15-18 ms per
 layer on SmolLM2 at B=8, T=116 (23% of the step on this 2-core machine) where one fused pass takes
-~1.1 ms. Each kernel here is a pure tensor function with an eager reference; `fused(fn)` compiles
+~1.1 ms. Each kernel here is a tensor function with an eager reference (pure, except
+`cross_entropy_grad_`, which writes its result over its input); `fused(fn)` compiles
 it on first use (dynamic shapes: one compile serves every batch shape; inductor's on-disk cache
 makes later processes cheap) and falls back to the eager function, for the rest of the process,
 if compiling fails (no C++ compiler, no Triton on a GPU). `set_fusion(False)` (train.fused_kernels)
@@ -34,8 +35,9 @@ def fusion_enabled() -> bool:
 class _Fused:
     """`fn` compiled on first call; the eager `fn` when fusion is off or compiling failed."""
 
-    def __init__(self, fn: Callable, dynamic: bool | None = True):
+    def __init__(self, fn: Callable, dynamic: bool | None = True, writes_input: bool = False):
         self.fn, self.name, self.dynamic = fn, fn.__name__, dynamic
+        self.writes_input = writes_input  # an input may be half-written when the call fails
         self.compiled: Callable | None = None
         self.failed = False
 
@@ -47,6 +49,8 @@ class _Fused:
         try:
             return self.compiled(*args)
         except Exception as exc:  # a missing compiler or backend: eager from now on
+            if self.writes_input and not isinstance(exc, torch._dynamo.exc.TorchDynamoException):
+                raise  # failed while running (e.g. out of memory): rerunning would read its output
             self.failed = True
             msg = (
                 f"lorafit: could not compile {self.name} ({type(exc).__name__}); running it eagerly"
@@ -55,14 +59,16 @@ class _Fused:
             return self.fn(*args)
 
 
-def fused(fn: Callable | None = None, *, dynamic: bool | None = True):
+def fused(fn: Callable | None = None, *, dynamic: bool | None = True, writes_input: bool = False):
     """`@fused`: compiled once for every shape (dynamic); `@fused(dynamic=None)`: torch's
     automatic dynamic shapes, for a kernel whose int arguments (head counts and sizes) must stay
     constants in the generated code to vectorise: a size that changes is made symbolic on its
-    second value (one recompile), the ints never change for a model."""
+    second value (one recompile), the ints never change for a model. `writes_input`: the kernel
+    writes over an input, so it falls back to eager only when compiling failed (dynamo / inductor
+    errors, raised before anything runs), never after a failure while running."""
     if fn is None:
-        return lambda f: _Fused(f, dynamic)
-    return _Fused(fn, dynamic)
+        return lambda f: _Fused(f, dynamic, writes_input)
+    return _Fused(fn, dynamic, writes_input)
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -214,7 +220,7 @@ def attention_grad_scores(
 
 
 # ------------------------------------------------------------------------- cross-entropy --
-@fused
+@fused(writes_input=True)
 def cross_entropy_grad_(
     logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,8 +166,8 @@ def causal_lm_loss(
         return linear_cross_entropy(hidden, head, target, chunk) / max(n, 1), n, None
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for start in range(0, n, chunk):
-        h, t = hidden[start : start + chunk], target[start : start + chunk]
+    for start, end in _chunks(n, chunk):  # no 1-row chunk: the compiled kernels' size-1 recompile
+        h, t = hidden[start:end], target[start:end]
         if need_accuracy:  # evaluation: no graph, and the argmax is wanted
             part, hits = _chunk_loss_and_hits(head, h, t)
             correct = correct + hits

@@ -42,6 +42,7 @@ from lorafit.tuner.kinds import kind_of
 # Measured (peak RSS, VmHWM, of fresh processes; the README has the table):
 # A loss chunk's logits, in the compute dtype, exist once: their gradient is written over them.
 LOGIT_COPIES = 1
+EAGER_LOSS_BYTES_PER_LOGIT = 14  # fused_kernels off: bf16 logits, fp32 copy, scratch, gradient
 BACKWARD_BYTES_PER_MLP = 24  # one layer's backward scratch per token and intermediate unit
 QUANT_SCRATCH_BYTES = {"nf4": 9, "int8": 6}  # per weight of the largest linear, while loading
 MODEL_FIXED_BYTES = 48 << 20  # a loaded model beyond its tensors: objects, buffers (47-58 MB)
@@ -126,13 +127,17 @@ def estimate_memory(
     gradient_checkpointing: bool = False, lora_r: int = 8, target_modules="all-linear",
     use_dora: bool = False, loss_chunk: int = TrainOptions.loss_chunk, method: str = "lora",
     runtime_bytes: int | None = None, load_dtype: torch.dtype | None = None,
-    recompute_mlp: bool = True,
+    recompute_mlp: bool = True, fused_kernels: bool = True,
 ) -> MemoryEstimate:  # fmt: skip
     """The peak RSS of training a model of `hf_config` (a transformers config), by part.
 
     `compute_dtype`: frozen weights and activations while training. `load_dtype`: what weights
     stream in as; None does what model.dtype auto does: float32 unquantized (bf16 training casts it
-    after: a big model's peak), else `compute_dtype`. `runtime_bytes`: default `runtime_rss()`."""
+    after: a big model's peak), else `compute_dtype`. `runtime_bytes`: default `runtime_rss()`.
+    `recompute_mlp`: the run's setting where down_proj can run as one op (a caller passes False
+    where it cannot: LoRA dropout, fp32 frozen weights); a quantized base or full fine-tuning keeps
+    the SwiGLU output anyway. `fused_kernels`: the loss chunk's logits exist once (else the eager
+    loss's fp32 copies)."""
     quantize, full = quantize or "none", method == "full"
     quantized = quantize != "none"
     load_dtype = load_dtype or (torch.float32 if quantize == "none" else compute_dtype)
@@ -188,7 +193,9 @@ def estimate_memory(
     if lean:
         per += h * bool(names & {"q_proj", "k_proj", "v_proj"})
         per += h * bool(names & {"gate_proj", "up_proj"})
+        # kept unless down_proj's one-op form (LoRA on a plain nn.Linear) makes it again
         swiglu_out = b * inter * ("down_proj" in names)
+        recompute_mlp = recompute_mlp and not (quantized or full)
         per = b * per + 4 * nh + 8
     else:  # transformers' own blocks keep more (fp32 norm outputs, activation inputs, masks)
         notes.append(f"{type(model).__name__} has no lean blocks: activations are approximate")
@@ -200,7 +207,8 @@ def estimate_memory(
     acts, other = (with_ckpt, without) if gradient_checkpointing else (without, with_ckpt)
     vocab = getattr(text, "vocab_size", 0) if head == "causal-lm" else 0
     targets = batch_size * (seq_len - 1)  # every position labelled: the worst case
-    loss = LOGIT_COPIES * b * min(loss_chunk, targets) * vocab + 2 * b * targets * h
+    per_logit = LOGIT_COPIES * b if fused_kernels else EAGER_LOSS_BYTES_PER_LOGIT
+    loss = per_logit * min(loss_chunk, targets) * vocab + 2 * b * targets * h
     backward = tokens * BACKWARD_BYTES_PER_MLP * inter
     if quantized:  # one layer's weight dequantized (forward and backward)
         backward += 2 * b * largest_linear
@@ -260,7 +268,9 @@ def _inputs(cfg: RunConfig) -> tuple[object, dict, torch.device, str]:
         batch_size=t.batch_size, seq_len=cfg.data.max_length, lora_r=cfg.lora.r,
         gradient_checkpointing=t.gradient_checkpointing, target_modules=cfg.lora.target_modules,
         use_dora=cfg.lora.use_dora, loss_chunk=t.loss_chunk, method=t.method,
-        recompute_mlp=t.recompute_mlp,
+        # down_proj is one op only without LoRA dropout and with bf16 frozen weights (not ReLoRA's)
+        recompute_mlp=t.recompute_mlp and not cfg.lora.lora_dropout and t.relora is None,
+        fused_kernels=t.fused_kernels,
         runtime_bytes=runtime_rss(m.quantize, device.type, m.quantize_backend),
     )  # fmt: skip
     return hf_config, kw, device, precision
