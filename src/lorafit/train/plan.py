@@ -193,16 +193,15 @@ def estimate_memory(
     if lean:
         per += h * bool(names & {"q_proj", "k_proj", "v_proj"})
         per += h * bool(names & {"gate_proj", "up_proj"})
-        # kept unless down_proj's one-op form (LoRA on a plain nn.Linear) makes it again
         swiglu_out = b * inter * ("down_proj" in names)
-        recompute_mlp = recompute_mlp and not (quantized or full)
         per = b * per + 4 * nh + 8
     else:  # transformers' own blocks keep more (fp32 norm outputs, activation inputs, masks)
         notes.append(f"{type(model).__name__} has no lean blocks: activations are approximate")
         per = b * (per + 6 * h + inter) + 4 * nh
     tokens = batch_size * seq_len
     with_ckpt = tokens * (n_layers * b * h + per + swiglu_out + 2 * b * h)  # one layer recomputed
-    kept = per + (0 if recompute_mlp else swiglu_out)
+    # made again in backward only by down_proj's one-op form (LoRA on a plain nn.Linear)
+    kept = per + (0 if recompute_mlp and not (quantized or full) else swiglu_out)
     without = tokens * (n_layers * kept + 2 * b * h)  # (+ the final norm's input and output)
     acts, other = (with_ckpt, without) if gradient_checkpointing else (without, with_ckpt)
     vocab = getattr(text, "vocab_size", 0) if head == "causal-lm" else 0
