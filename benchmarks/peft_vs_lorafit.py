@@ -43,6 +43,12 @@ SAME_RTOL = 1e-3  # same arithmetic: only summation order differs
 CROSS_RTOL = 2e-2  # bf16 autocast vs fp32 on identical weights (step 1)
 
 
+# The heap as it was before the steps kept large blocks (models/heap.py `keep_large_blocks`):
+# every block >= 8 MiB a fresh mmap that faults its pages in on each use. Set in the environment,
+# glibc's values hold from the process's start and lorafit leaves them alone.
+MMAP_CAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(8 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}
+
+
 @dataclass(frozen=True)
 class Row:
     label: str
@@ -52,6 +58,7 @@ class Row:
     gc: bool = False  # gradient checkpointing (lorafit rows without it use the library's default)
     recompute_mlp: bool | None = None  # lorafit: train.recompute_mlp (None: the library's default)
     every_len: bool = True  # False: only at --extra-seq-lens
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables for the row's process
 
 
 ROWS = {
@@ -62,6 +69,12 @@ ROWS = {
     "lorafit": Row("lorafit default", "lorafit"),
     "lorafit-gc": Row("lorafit + gradient checkpointing", "lorafit", gc=True),
     "lorafit-keep-h": Row("lorafit, SwiGLU output kept", "lorafit", recompute_mlp=False),
+    "lorafit-mmap-cap": Row(
+        "lorafit, large blocks not kept (8 MiB mmap cap)",
+        "lorafit",
+        every_len=False,
+        env=tuple(MMAP_CAP_ENV.items()),
+    ),
     "lorafit-fp32": Row("lorafit fp32", "lorafit", precision="fp32", every_len=False),
     "peft-dora-fp32": Row(
         "PEFT DoRA default fp32", "peft", dora=True, precision="fp32", every_len=False
@@ -345,6 +358,7 @@ def child_run(args, key: str, T: int, out: Path) -> dict:
         "tokens_per_s": args.batch_size * T / step_s,
         "peak_mb": peak,
         "memory": mem_kind,
+        "env": {k: os.environ.get(k) for k, _ in row.env},  # what the row's process ran with
     }
 
 
@@ -363,7 +377,7 @@ def peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------ parent side (no torch import) --
-def spawn(args, scratch: Path, what: str, T: int = 0, tag: str = "") -> dict:
+def spawn(args, scratch: Path, what: str, T: int = 0, tag: str = "", extra_env: tuple = ()) -> dict:
     """Run one child (`init` or a row at one T) in a fresh interpreter; its JSON result."""
     result = scratch / f"{what}_{T}_{tag}.json"
     cmd = [
@@ -384,6 +398,7 @@ def spawn(args, scratch: Path, what: str, T: int = 0, tag: str = "") -> dict:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
         "TOKENIZERS_PARALLELISM": "false",
+        **dict(extra_env),
     }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -589,7 +604,10 @@ def main(argv=None) -> int:
         (scratch / "args.json").write_text(json.dumps(saved))
         meta = {**spawn(args, scratch, "init"), "load_average_before": load}
         with ThreadPoolExecutor(args.jobs) as pool:
-            done = pool.map(lambda job: spawn(args, scratch, job[1], job[2], str(job[0])), plan)
+            done = pool.map(
+                lambda job: spawn(args, scratch, job[1], job[2], str(job[0]), ROWS[job[1]].env),
+                plan,
+            )
             for (rnd, key, T), r in zip(plan, done):
                 runs.setdefault((key, T), []).append(r)
                 print(

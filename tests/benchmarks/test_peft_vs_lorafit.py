@@ -44,6 +44,7 @@ def test_smoke_runs_every_row_and_losses_agree(tmp_path):
     results = {r["row"]: r for r in data["results"]}
     assert set(results) == set(bench.ROWS)
     steps = data["args"]["warmup"] + data["args"]["steps"]
+    assert results["lorafit-mmap-cap"]["env"] == bench.MMAP_CAP_ENV  # reached its process
     for r in results.values():
         assert len(r["losses"]) == steps and all(math.isfinite(x) and x > 0 for x in r["losses"]), (
             r["row"]

@@ -1,5 +1,6 @@
 """models/heap.py: large freed blocks go back to the OS once the loader caps glibc's mmap
-threshold, and return_freed_memory hands back what a phase freed into the heap."""
+threshold, training steps can keep them for reuse, and return_freed_memory hands back what a
+phase freed into the heap."""
 
 import json
 import subprocess
@@ -13,8 +14,9 @@ from lorafit.models import heap
 GLIBC = pytest.mark.skipif(heap._LIBC is None, reason="glibc's mallopt / malloc_trim")
 
 
-def _run(script: str, mode: str) -> dict:
+def _run(script: str, mode: str, extra_env: dict | None = None) -> dict:
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    env.update(extra_env or {})
     out = subprocess.run(
         [sys.executable, "-c", script, mode], capture_output=True, text=True, env=env
     )
@@ -83,3 +85,46 @@ def test_return_freed_memory_hands_back_freed_blocks_between_live_ones():
     assert plain["untrimmed"] > -(8 << 20), plain  # freeing alone returns nothing
     assert plain["held"] > 180 << 20, plain  # the test can tell the two apart
     assert trimmed["held"] < 16 << 20, trimmed
+
+
+REUSED_BLOCKS = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    from lorafit.models import heap
+
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    heap.cap_mmap_threshold()  # as after loading a model
+    if sys.argv[1] in ("keep", "keep-then-off"):
+        heap.keep_large_blocks()
+    if sys.argv[1] == "keep-then-off":
+        heap.keep_large_blocks(False)
+    for _ in range(2):  # a step's 20 MiB activation, twice: glibc settles its heap's top
+        t = torch.ones(20 << 18)
+        del t
+    before = faults()
+    for _ in range(3):  # three more steps
+        t = torch.ones(20 << 18)
+        del t
+    print(json.dumps({"mode": heap.mode(), "pages": (faults() - before) / 3}))
+    """
+)
+
+
+@GLIBC
+def test_kept_large_blocks_serve_the_next_step_without_faulting_their_pages_in_again():
+    """Under the 8 MiB cap each 20 MiB block is a fresh mmap whose 5,120 pages fault in on every
+    use (~1 us each); kept, the next step reuses the same resident block. Turned off, the cap is
+    back (the trainer does this after its steps)."""
+    capped, kept, off = (_run(REUSED_BLOCKS, m) for m in ("capped", "keep", "keep-then-off"))
+    assert capped["pages"] > 4000, capped
+    assert kept["pages"] < 100 and kept["mode"] == "keep", kept
+    assert off["pages"] > 4000 and off["mode"] == "capped", off
+
+
+@GLIBC
+def test_keep_large_blocks_leaves_a_users_own_glibc_setting_alone():
+    env = {"MALLOC_MMAP_THRESHOLD_": str(8 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}
+    kept = _run(REUSED_BLOCKS, "keep", env)
+    assert kept["pages"] > 4000, kept  # the user's 8 MiB threshold still holds

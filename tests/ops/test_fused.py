@@ -29,6 +29,8 @@ def _inputs(kernel: str, shape: tuple[int, ...], dtype: torch.dtype):
     if kernel.startswith("rotary_rows"):  # (N, q | k | v) rows, 2 rotated heads of 8 + v (8)
         n = shape[0] * shape[1]
         return r(n, H), r(n, 8), r(n, 8), 2, 8
+    if kernel == "scale_grad":  # (tokens, out) gradient and output, the scale c (out,)
+        return r(shape[0] * shape[1], H), r(shape[0] * shape[1], H), r(H).abs() + 0.5
     x, w = r(*shape) * 3, r(H)
     rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
     if kernel == "rms_norm_forward":
@@ -60,6 +62,7 @@ KERNELS = [
     "cross_entropy_hits",
     "rotary_rows_forward",
     "rotary_rows_backward",
+    "scale_grad",
 ]
 
 
@@ -109,6 +112,44 @@ def test_cross_entropy_hits_is_f_cross_entropy_and_the_argmax_hits(compiled):
     want = F.cross_entropy(logits.float(), target, reduction="sum")
     torch.testing.assert_close(loss, want)
     assert hits.item() == (logits.float().argmax(-1) == target).sum().item() >= 13
+
+
+def test_doras_scale_gradient_runs_the_compiled_kernel_in_the_one_op_forms():
+    """The tuner cannot import ops: ops/fused.py puts its kernel in the tuner's slot at import."""
+    from lorafit.tuner.kinds import linear
+
+    assert linear._kernels["scale_grad"] is fused.scale_grad
+    assert fused.scale_grad.fn is linear.scale_grad  # compiled from the tuner's eager reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_gradients_with_the_compiled_scale_kernel_equal_the_eager_ones(dtype, monkeypatch):
+    from lorafit.tuner.kinds import linear
+
+    def grads():
+        model = tiny_llama()
+        inject(model, LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+        randomize_adapters(model)
+        with torch.no_grad():  # magnitudes away from the row norms, so the scale matters
+            for n, p in model.named_parameters():
+                if n.endswith("magnitude"):
+                    p.mul_(torch.linspace(0.5, 1.5, p.numel()).reshape(p.shape))
+        prepare_for_training(model, "bf16" if dtype == torch.bfloat16 else "fp32")
+        model.train()
+        ids = torch.tensor([[5, 9, 3, 7, 11, 2], [1, 6, 10, 12, 14, 3]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if n.endswith("magnitude")}
+
+    torch._dynamo.reset()
+    fused.scale_grad.compiled, fused.scale_grad.failed = None, False
+    fast = grads()
+    assert fused.scale_grad.compiled is not None and not fused.scale_grad.failed
+    monkeypatch.setitem(linear._kernels, "scale_grad", linear.scale_grad)
+    slow = grads()
+    assert fast and fast.keys() == slow.keys()
+    for n, g in slow.items():
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(fast[n], g, rtol=tol, atol=tol * g.abs().max(), msg=n)
 
 
 def test_swiglu_backward_is_the_gradient_of_swiglu_forward():

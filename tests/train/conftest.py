@@ -1,8 +1,10 @@
-"""Shared fixtures of the training tests: a tiny chat model and data on disk, and a run config."""
+"""Shared fixtures of the training tests: a tiny chat model and data on disk, a run config, and a
+recorded stand-in for glibc's heap controls."""
 
 import pytest
 
 from helpers import write_chat_data, write_tiny_chat_model
+from lorafit.models import heap
 from lorafit.train.config import load_run_config
 
 
@@ -36,3 +38,25 @@ def make_cfg(chat_setup):
         )
 
     return make
+
+
+class _Libc:
+    """glibc's mallopt / malloc_trim, recorded instead of changing this test process's heap."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        return 1
+
+
+@pytest.fixture
+def libc(monkeypatch):
+    fake = _Libc()
+    monkeypatch.setattr(heap, "_LIBC", fake)
+    monkeypatch.setattr(heap, "_mode", "capped")  # as after loading a model
+    return fake

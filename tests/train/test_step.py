@@ -5,6 +5,8 @@ import torch
 
 from helpers import tiny_llama
 from lorafit.data.batching import CausalLMCollator
+from lorafit.models import heap
+from lorafit.quant import quantize_model
 from lorafit.tasks import get_task
 from lorafit.train.step import forward_backward, micro_batches, prepare_for_training
 from lorafit.tuner.config import LoraConfig
@@ -89,3 +91,33 @@ def test_training_processes_bound_onednns_primitive_cache_unless_the_user_set_it
 
     assert run(env) == ONEDNN_CACHE
     assert run({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}) == "512"
+
+
+def _step_at_threshold(monkeypatch, model, extra: int) -> None:
+    """forward_backward with glibc's mmap cap set to the batch's widest activation + `extra` bytes:
+    the tiny Llama's MLP (64 wide, fp32); its 96-wide head does not count (logits come in chunks)."""
+    batch = CausalLMCollator(pad_token_id=0)(_examples())
+    widest = batch["input_ids"].numel() * 64 * 4
+    monkeypatch.setattr(heap, "MMAP_THRESHOLD_BYTES", widest + extra)
+    forward_backward(model, [batch], "causal-lm", "fp32")
+
+
+def test_a_step_whose_activations_reach_the_mmap_cap_keeps_large_blocks(libc, monkeypatch):
+    """Such a step's activations would be fresh mmaps faulting their pages in on every use."""
+    model = _model()
+    prepare_for_training(model, "fp32")
+    _step_at_threshold(monkeypatch, model, 1)
+    assert heap.mode() == "capped" and not libc.calls  # one byte short: nothing changes
+    _step_at_threshold(monkeypatch, model, 0)
+    assert heap.mode() == "keep"
+    assert (heap.M_MMAP_THRESHOLD, heap.KEEP_MMAP_THRESHOLD_BYTES) in libc.calls
+    assert (heap.M_TRIM_THRESHOLD, heap.KEEP_TRIM_THRESHOLD_BYTES) in libc.calls
+
+
+def test_quantized_bases_keep_the_mmap_cap(libc, monkeypatch):
+    """Their dequantized weights are large freed blocks too; the cap was measured there."""
+    model = _model()
+    quantize_model(model, "nf4", keep={"lm_head", "model.layers.0.mlp"})  # some stay nn.Linear
+    prepare_for_training(model, "fp32")
+    _step_at_threshold(monkeypatch, model, -(1 << 20))
+    assert heap.mode() == "capped" and not libc.calls

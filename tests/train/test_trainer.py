@@ -13,11 +13,12 @@ import lorafit.train.setup as setup_mod
 import lorafit.train.trainer as trainer_mod
 from helpers import write_tiny_classifier_base
 from lorafit import atomic
+from lorafit.models import heap
 from lorafit.tasks import get_task
 from lorafit.train import checkpoints as ckpt
 from lorafit.train.config import load_run_config
 from lorafit.train.setup import prepare
-from lorafit.train.trainer import TrainingStopped, train
+from lorafit.train.trainer import Trainer, TrainingStopped, train
 
 
 def _rows(run: Path) -> list[dict]:
@@ -232,3 +233,26 @@ def test_the_package_exports_the_recipe():
     assert {"train", "TrainResult", "TrainingStopped", "RunConfig", "load_run_config"} <= set(
         package.__all__
     )
+
+
+def test_training_keeps_large_blocks_only_while_its_steps_run(
+    make_cfg, tmp_path, libc, monkeypatch
+):
+    """Steps whose activations reach glibc's mmap cap keep large freed blocks for the next step
+    (train/step.py); the trainer hands the cap back before saving, so a process that goes on
+    (merging, generating) runs with the loader's cap again."""
+    monkeypatch.setattr(heap, "MMAP_THRESHOLD_BYTES", 1)  # every tiny step reaches it
+    seen = []
+    monkeypatch.setattr(Trainer, "save", _recording(Trainer.save, seen))
+    train(make_cfg(tmp_path / "run", "train.max_steps=2"), progress=False)
+    assert (heap.M_MMAP_THRESHOLD, heap.KEEP_MMAP_THRESHOLD_BYTES) in libc.calls
+    assert seen == ["capped"] and heap.mode() == "capped"
+    assert libc.calls[-1] == (heap.M_TRIM_THRESHOLD, heap.DEFAULT_TRIM_THRESHOLD_BYTES)
+
+
+def _recording(method, seen):
+    def wrapper(self, *args, **kwargs):
+        seen.append(heap.mode())
+        return method(self, *args, **kwargs)
+
+    return wrapper

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lorafit.tuner.kinds import linear
+
 _enabled = True  # train.fused_kernels sets it through train.step.prepare_for_training
 
 
@@ -250,3 +252,11 @@ def cross_entropy_hits(
     lse = torch.logsumexp(x, dim=-1)  # (n,)
     picked = x.gather(1, target[:, None]).squeeze(1)  # (n,)
     return (lse - picked).sum(), (x.argmax(-1) == target).sum()
+
+
+# ------------------------------------------------------------------------- DoRA's scale --
+scale_grad = fused(linear.scale_grad)
+"""`tuner.kinds.linear.scale_grad` (d loss / d c for y = c * v, summed over tokens) in one read of
+g and y, no (tokens, out) product made: 3.3 vs 6.4 ms for (4,096, 3,072) bf16 alone, vs ~16 ms
+for the eager product and sum inside a DoRA step at 4 x 1,024 tokens."""
+linear.use_kernel("scale_grad", scale_grad)

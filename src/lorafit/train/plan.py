@@ -47,7 +47,8 @@ BACKWARD_BYTES_PER_MLP = 24  # one layer's backward scratch per token and interm
 QUANT_SCRATCH_BYTES = {"nf4": 9, "int8": 6}  # per weight of the largest linear, while loading
 MODEL_FIXED_BYTES = 48 << 20  # a loaded model beyond its tensors: objects, buffers (47-58 MB)
 STEP_FIXED_BYTES = 55 << 20  # first step: oneDNN, autograd (30-41 MB); `train`: data, plot (~20)
-# glibc keeps freed tensors (under its 32 MB mmap threshold) in its heap, where small gradients pin
+# glibc keeps freed tensors (under its mmap threshold: 8 MiB after loading, 32 MiB while steps keep
+# large blocks, models/heap.py) in its heap, where small gradients pin
 # holes: peak RSS exceeds the live peak by shares of activations + loss chunk + backward scratch,
 # and per layer of its fp32 token x intermediate scratch and dequantized weight (fitted: 14 runs).
 ALLOCATOR_SLACK, LAYER_SLACK, DEQUANT_SLACK = 0.5, 0.45, 0.2

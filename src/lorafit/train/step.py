@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lorafit.data.batching import batches, num_batches
+from lorafit.models import heap
 from lorafit.ops.attention import attention_kernel
 from lorafit.ops.fused import set_fusion
 from lorafit.ops.lean_blocks import patch_model
@@ -72,6 +73,32 @@ def prepare_for_training(
             layer.keep_dequantized = True  # its backward: 2 dequantizations per step, not 3
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    setattr(model, _ROW_BYTES, _activation_row_bytes(model, precision))
+
+
+_ROW_BYTES = "_lorafit_activation_row_bytes"
+
+
+def _activation_row_bytes(model: nn.Module, precision: str) -> int:
+    """Bytes per token of the widest layer output in a step (the output head aside: its logits come
+    in loss chunks), for `_keep_large_blocks`; 0 where the heap's mmap cap stays: off CPU (CUDA
+    has its own caching allocator) and for quantized bases (each forward's dequantized weights are
+    large freed blocks too; the cap was measured there, `models/heap.py`)."""
+    device = next(model.parameters()).device
+    if device.type != "cpu" or quantized_modules(model):
+        return 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    widths = [m.out_features for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    return max(widths, default=0) * (2 if precision == "bf16" else 4)
+
+
+def _keep_large_blocks(model: nn.Module, ids: torch.Tensor) -> None:
+    """Once a batch's widest activation reaches glibc's mmap cap (8 MiB), the heap keeps large
+    freed blocks for the next step instead of unmapping them (`heap.keep_large_blocks`; the
+    trainer ends it after its steps): such activations fault their pages in again on every use."""
+    row_bytes = getattr(model, _ROW_BYTES, 0)
+    if row_bytes and ids.numel() * row_bytes >= heap.MMAP_THRESHOLD_BYTES:
+        heap.keep_large_blocks()
 
 
 def forward_backward(
@@ -102,6 +129,8 @@ def forward_backward(
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         ids = batch.get("input_ids")
         kernel = attention_kernel(model, ids) if ids is not None else contextlib.nullcontext()
+        if ids is not None:
+            _keep_large_blocks(model, ids)
         last = i == len(group) - 1  # FSDP reduces the shards' gradients after the last only
         sync = fsdp.gradient_sync(sharded, last) if sharded else contextlib.nullcontext()
         with kernel, sync:  # backward too: checkpointing recomputes the forward in it

@@ -27,7 +27,7 @@ import torch
 
 from lorafit import atomic
 from lorafit.data.batching import num_batches
-from lorafit.models.heap import return_freed_memory
+from lorafit.models.heap import keep_large_blocks, return_freed_memory
 from lorafit.ops.precision import autocast_context
 from lorafit.tasks import get_task
 import lorafit.train.checkpoints as ckpt
@@ -195,6 +195,7 @@ class Trainer:
                 self.dispatch("on_step_end", out)
         finally:
             self.model.eval()
+            keep_large_blocks(False)  # large blocks the steps kept (train/step.py) go back to mmap
             return_freed_memory()  # what is left (saving, the plot) runs without the steps' heap
             self.dispatch("on_fit_end")
 

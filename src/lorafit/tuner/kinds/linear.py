@@ -128,7 +128,9 @@ class _LinearWithBranch(torch.autograd.Function):
     def backward(ctx, gy):
         w, t, Ac, Bc, y, cc, *keep = ctx.saved_tensors
         g = gy.reshape(-1, gy.shape[-1])  # (N, out)
-        gc = _scale_grad(g, y, cc) if cc is not None and ctx.needs_input_grad[6] else None
+        gc = (
+            _kernels["scale_grad"](g, y, cc) if cc is not None and ctx.needs_input_grad[6] else None
+        )
         gt = g.mm(_rows(Bc, cc))  # (N, r)
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
@@ -162,11 +164,25 @@ def _rows(m: torch.Tensor, cc: torch.Tensor | None) -> torch.Tensor:
     return m if cc is None else m * cc[:, None]
 
 
-def _scale_grad(g: torch.Tensor, y: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
+def scale_grad(g: torch.Tensor, y: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
     """d loss / d c for y = c * v: the sum over tokens of g v = g (y / c) (summed in fp32, as
     torch's CPU and CUDA sums of half-precision tensors accumulate; a dtype=float32 sum would
-    first copy the whole product to fp32)."""
+    first copy the whole product to fp32). The eager reference of `ops/fused.py`'s one-pass
+    kernel, which `use_kernel` puts in its place."""
     return (g * y).sum(0).float() / cc.float()
+
+
+_kernels = {"scale_grad": scale_grad}
+
+
+def use_kernel(name: str, fn) -> None:
+    """Run `fn` for the one-op forms' element-wise piece `name` (the same arguments and result up
+    to rounding): `ops/fused.py` installs its compiled kernels here, as the tuner cannot import
+    ops. Eager, the scale's gradient makes a (tokens, out) product and sums it (two passes, the
+    product a fresh block: ~16 ms per gate|up group at 4 x 1,024 tokens); compiled, one read."""
+    if name not in _kernels:
+        raise KeyError(f"no element-wise piece {name!r}; known: {sorted(_kernels)}")
+    _kernels[name] = fn
 
 
 LINEAR = register_kind(LinearKind())
@@ -225,7 +241,7 @@ class _LinearGroupWithBranch(torch.autograd.Function):
         gcs = [None] * k
         if call is not None and any(ctx.needs_input_grad[5 + 2 * k :]):
             # one pass over the joined (contiguous) g and y: column blocks are strided and slower
-            parts = _scale_grad(g, y, call).split(ctx.sizes)
+            parts = _kernels["scale_grad"](g, y, call).split(ctx.sizes)
             gcs = [None if cc is None else p for p, cc in zip(parts, ccs)]
         Bd = _rows(Bd, call)
         gt = g.mm(Bd)  # (N, k r)
