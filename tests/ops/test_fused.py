@@ -29,8 +29,9 @@ def _inputs(kernel: str, shape: tuple[int, ...], dtype: torch.dtype):
     if kernel.startswith("rotary_rows"):  # (N, q | k | v) rows, 2 rotated heads of 8 + v (8)
         n = shape[0] * shape[1]
         return r(n, H), r(n, 8), r(n, 8), 2, 8
-    if kernel == "scale_grad":  # (tokens, out) gradient and output, the scale c (out,)
-        return r(shape[0] * shape[1], H), r(shape[0] * shape[1], H), r(H).abs() + 0.5
+    if kernel == "scale_grad":  # (tokens, out) gradient and output, the scale c (out,): 70, 195
+        n = shape[0] * shape[1] * 5  # tokens, so the blocks of 64 and a remainder both run
+        return r(n, H), r(n, H), r(H).abs() + 0.5
     x, w = r(*shape) * 3, r(H)
     rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
     if kernel == "rms_norm_forward":
@@ -119,7 +120,14 @@ def test_doras_scale_gradient_runs_the_compiled_kernel_in_the_one_op_forms():
     from lorafit.tuner.kinds import linear
 
     assert linear._kernels["scale_grad"] is fused.scale_grad
-    assert fused.scale_grad.fn is linear.scale_grad  # compiled from the tuner's eager reference
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
+        for n in (40, 200):  # fewer than 64 tokens; blocks of 64 and a remainder
+            grad, y = (torch.randn(n, 24, generator=g).to(dtype) for _ in range(2))
+            c = torch.rand(24, generator=g).to(dtype) + 0.5
+            want = linear.scale_grad(grad, y, c)
+            got = fused.scale_grad(grad, y, c)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
