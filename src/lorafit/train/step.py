@@ -19,6 +19,7 @@ from lorafit.ops.lean_blocks import patch_model
 from lorafit.ops.precision import autocast_context
 from lorafit.quant import quantized_modules
 from lorafit.tasks import Task, get_task
+from lorafit.tuner.kinds import kind_of
 import lorafit.train.fsdp as fsdp
 from lorafit.train.distributed import Dist
 
@@ -80,7 +81,7 @@ _ROW_BYTES = "_lorafit_activation_row_bytes"
 
 
 def _activation_row_bytes(model: nn.Module, precision: str) -> int:
-    """Bytes per token of the widest layer output in a step (the output head aside: its logits come
+    """Bytes per token of the widest linear layer's output in a step (the output head aside: its logits come
     in loss chunks), for `_keep_large_blocks`; 0 where the heap's mmap cap stays: off CPU (CUDA
     has its own caching allocator) and for quantized bases (each forward's dequantized weights are
     large freed blocks too; the cap was measured there, `models/heap.py`)."""
@@ -88,7 +89,11 @@ def _activation_row_bytes(model: nn.Module, precision: str) -> int:
     if device.type != "cpu" or quantized_modules(model):
         return 0
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    widths = [m.out_features for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    widths = [
+        kind.fan_dims(m)[1]
+        for m in model.modules()
+        if m is not head and (kind := kind_of(m)) is not None and kind.all_linear
+    ]
     return max(widths, default=0) * (2 if precision == "bf16" else 4)
 
 
