@@ -123,7 +123,8 @@ def test_doras_scale_gradient_runs_the_compiled_kernel_in_the_one_op_forms():
     g = torch.Generator().manual_seed(0)
     for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
         for n in (40, 200):  # fewer than 64 tokens; blocks of 64 and a remainder
-            grad, y = (torch.randn(n, 24, generator=g).to(dtype) for _ in range(2))
+            grad = torch.randn(24, n, generator=g).to(dtype).T  # a transposed gradient
+            y = torch.randn(n, 24, generator=g).to(dtype)
             c = torch.rand(24, generator=g).to(dtype) + 0.5
             want = linear.scale_grad(grad, y, c)
             got = fused.scale_grad(grad, y, c)

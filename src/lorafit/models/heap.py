@@ -19,7 +19,8 @@ _mode = "default"  # what lorafit last asked for: "default" | "capped" | "keep"
 
 
 def mode() -> str:
-    """ "default" (glibc's own), "capped" (`cap_mmap_threshold`) or "keep" (`keep_large_blocks`)."""
+    """What lorafit last asked of glibc: "default" (nothing), "capped" (`cap_mmap_threshold`) or
+    "keep" (`keep_large_blocks`)."""
     return _mode
 
 
@@ -46,9 +47,9 @@ def keep_large_blocks(on: bool = True) -> None:
 
     For training steps whose activations come in blocks of 8 MiB or more: served from fresh mmaps,
     every such block faults its pages in on each use, ~1 us per 4 KiB page on the benchmark
-    machine -- ~0.47 GB of faults per step for SmolLM2 at 4 x 1,024 tokens, where keeping them ran
-    the step ~9% faster (benchmarks/peft_vs_lorafit.py, the "8 MiB cap" row). The cost: freed
-    activations stay resident between steps (`return_freed_memory` hands them back) and the
+    machine -- ~0.47 GB of faults per step for SmolLM2 at 4 x 1,024 tokens, where keeping them gave
+    1.14-1.22x the tokens/s (benchmarks/peft_vs_lorafit.py vs its "8 MiB mmap cap" row). The cost:
+    freed activations stay resident between steps (`return_freed_memory` hands them back) and the
     heap's fragmentation (peak RSS +4-6% there). A user's own glibc settings are left alone."""
     global _mode
     if _LIBC is None or (_mode == "keep") == on:

@@ -265,7 +265,7 @@ def scale_grad(g: torch.Tensor, y: torch.Tensor, cc: torch.Tensor) -> torch.Tens
     n, out = g.shape[0] // 64 * 64, g.shape[1]
     if n == 0:  # fewer than 64 tokens
         return linear.scale_grad(g, y, cc)
-    blocks = (g[:n].view(-1, 64, out) * y[:n].view(-1, 64, out)).sum(1)  # (n / 64, out)
+    blocks = (g[:n].reshape(-1, 64, out) * y[:n].reshape(-1, 64, out)).sum(1)  # (n / 64, out)
     rest = (g[n:] * y[n:]).sum(0)
     return (blocks.float().sum(0) + rest.float()) / cc.float()
 

@@ -81,10 +81,10 @@ _ROW_BYTES = "_lorafit_activation_row_bytes"
 
 
 def _activation_row_bytes(model: nn.Module, precision: str) -> int:
-    """Bytes per token of the widest linear layer's output in a step (the output head aside: its logits come
-    in loss chunks), for `_keep_large_blocks`; 0 where the heap's mmap cap stays: off CPU (CUDA
-    has its own caching allocator) and for quantized bases (each forward's dequantized weights are
-    large freed blocks too; the cap was measured there, `models/heap.py`)."""
+    """Bytes per token of the widest linear layer's output in a step (the output head aside: its
+    logits come in loss chunks), for `_keep_large_blocks`; 0 where the heap's mmap cap stays: off
+    CPU (CUDA has its own caching allocator) and for quantized bases (each forward's dequantized
+    weights are large freed blocks too; the cap was measured there, `models/heap.py`)."""
     device = next(model.parameters()).device
     if device.type != "cpu" or quantized_modules(model):
         return 0
