@@ -115,12 +115,13 @@ def test_a_type_error_from_a_section_is_a_value_error_naming_it(monkeypatch):
 def test_schedule_and_precision_choices_are_one_list_each():
     from lorafit.ops.precision import PRECISIONS, resolve_precision
     from lorafit.train import config, optim
+    from lorafit.train.config import checks
 
     assert optim.SCHEDULES is config.SCHEDULES
     for name in config.SCHEDULES:
         assert build_run_config({"train": {"schedule": name}}).train.schedule == name
         assert optim.lr_factor(5, 10, 1, name) >= 0
-    assert config.PRECISIONS is PRECISIONS
+    assert checks.PRECISIONS is PRECISIONS
     for name in PRECISIONS:
         assert build_run_config({"train": {"precision": name}}).train.precision == name
         resolve_precision(name, torch.device("cpu"))

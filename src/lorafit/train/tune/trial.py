@@ -1,7 +1,8 @@
-"""One `lorafit tune` trial, in its own process (`child`, started by tune.py from a fork server;
-also `python -m lorafit.train.trial SPEC.json`).
+"""One `lorafit tune` trial in its own process: `run_trial` (the parent's side) starts `child`
+from a fork server that imported torch and lorafit once, waits for it and stops it at the budget's
+end; also `python -m lorafit.train.tune.trial SPEC.json`.
 
-The spec (written by tune.py) holds the trial's whole run config and, for a search trial, where
+The spec (written by `run_trial`) holds the trial's whole run config and, for a search trial, where
 its Optuna study lives. The run is an ordinary training run (`Trainer`, the same callbacks as
 `lorafit train` but no checkpoints: a trial is never resumed, it is rerun), plus `Report`: each
 validation result goes to the study, and when the pruner says so the run stops after that step.
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 from lorafit import atomic
 from lorafit.train.callbacks import BestAdapter, Callback, Checkpoints
@@ -25,6 +28,11 @@ from lorafit.train.config import RunConfig, build_run_config
 from lorafit.train.trainer import Trainer
 
 PRUNED = "pruned"
+SPEC_FILE = "trial.json"
+RESULT_FILE = "trial_result.json"
+"""What a trial process leaves in its folder for the parent (written last, atomically)."""
+GRACE_S = 10.0
+"""Seconds a trial process gets to exit after SIGTERM at the end of the budget before SIGKILL."""
 
 
 class Report(Callback):
@@ -68,7 +76,7 @@ def _study_trial(report: dict):
 
 def run(spec_path: str | Path) -> int:
     spec_path = Path(spec_path)
-    result_path = spec_path.parent / "trial_result.json"
+    result_path = spec_path.parent / RESULT_FILE
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     try:
         cfg = build_run_config(spec["config"], spec.get("source", str(spec_path)))
@@ -119,6 +127,67 @@ def child(spec_path: str, log_path: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
+
+
+# --- the parent's side ---
+_CONTEXT = None
+
+
+def processes():
+    """Trials start from a fork server that imported torch, transformers and lorafit once:
+    each trial is a fresh process without paying ~5 s of imports again."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing
+        from multiprocessing import forkserver
+
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["lorafit.train.tune.trial"])
+        forkserver.ensure_running()  # it imports while the parent prepares the study
+    return _CONTEXT
+
+
+def run_trial(
+    spec: dict[str, Any], folder: Path, deadline: float | None
+) -> tuple[dict[str, Any], bool]:
+    """Train one config in its own process in `folder`; (its result, whether the budget's end
+    stopped it). The process is stopped at `deadline` (SIGTERM, then SIGKILL)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(folder / SPEC_FILE, spec)
+    (folder / RESULT_FILE).unlink(missing_ok=True)
+    proc = processes().Process(
+        target=child, args=(str(folder / SPEC_FILE), str(folder / "train.log")), daemon=True
+    )
+    proc.start()
+    cut = False
+    try:
+        proc.join(None if deadline is None else max(0.0, deadline - time.time()))
+        if proc.is_alive():
+            cut = True
+            proc.terminate()
+            proc.join(GRACE_S)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    except BaseException:  # Ctrl-C: no trial keeps running behind the tune
+        proc.kill()
+        proc.join()
+        raise
+    result_file = folder / RESULT_FILE
+    if result_file.is_file() and not cut:
+        return json.loads(result_file.read_text(encoding="utf-8")), False
+    if cut:
+        return {"error": "stopped at the end of the budget"}, True
+    tail = _last_line(folder / "train.log")
+    return {"error": f"the trial process exited with code {proc.exitcode}: {tail}"}, False
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:200] if lines else "no output"
 
 
 if __name__ == "__main__":
