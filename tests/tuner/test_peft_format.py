@@ -357,3 +357,20 @@ def test_suffix_targets_are_written_as_given(tmp_path):
     assert (
         cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["peft_version"] == PEFT_FORMAT_VERSION
     )
+
+
+@pytest.mark.parametrize(
+    "kw, label",
+    [({}, "LoRA"), ({"use_rslora": True}, "rsLoRA"), ({"use_dora": True}, "DoRA")],
+)
+def test_describe_adapter_names_the_variant_and_counts_what_the_file_holds(tmp_path, kw, label):
+    from lorafit.tuner.peft_format import describe_adapter
+
+    model = _trained(target_modules=["q_proj", "v_proj"], **kw)
+    save_adapter(model, tmp_path / "ad")
+    info = describe_adapter(tmp_path / "ad")
+    assert info["variant"] == label and info["r"] == 4
+    assert info["scale"] == pytest.approx(8 / 2 if kw.get("use_rslora") else 8 / 4)
+    tensors = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert info["parameters"] == sum(t.numel() for t in tensors.values())
+    assert info["target_names"] == ["q_proj", "v_proj"]

@@ -379,9 +379,7 @@ def describe_adapter(folder: str | os.PathLike) -> dict:
     config, tensors = read_adapter(folder)
     lora, other = _group(tensors, Path(folder) / WEIGHTS_NAME)
     ranks = {path: int(parts["A"].shape[0]) for path, parts in lora.items() if "A" in parts}
-    variant = update_variant(variants_for(vars(config))).label
-    if config.use_rslora:
-        variant = f"rs{variant}"
+    variant = ("rs" if config.use_rslora else "") + update_variant(variants_for(vars(config))).label
     scale = lora_scale(config.lora_alpha, config.r, config.use_rslora)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     return {
